@@ -1,0 +1,191 @@
+"""The `sparsegraph` command line.
+
+Every error a user can cause prints one line (`error: ...`) and exits with status 2;
+an unexpected internal error prints one line and exits with 1 (set SPARSEGRAPH_DEBUG=1
+for the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import SparsegraphError
+
+app = typer.Typer(
+    help="Make transformer ONNX models faster and smaller through sparsity.\n\n"
+    "Typical session:\n\n"
+    "  sparsegraph analyze model.onnx            # what can be sparsified, and what it would save\n\n"
+    "  sparsegraph passes                        # the passes a recipe can use, with their parameters\n\n"
+    "  sparsegraph compile model.onnx --recipe recipe.yaml -o out/\n\n"
+    "A recipe is YAML: a 'steps:' list, each step 'pass: NAME' plus the pass's parameters, and\n"
+    "optional 'targets:'/'ignore:' selectors (op:MatMul, role:ffn.*, name:<glob>, re:<regex>, layers:0-3).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def friendly_errors(func):
+    """Turn toolkit errors into one line on stderr and the error's exit status."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SparsegraphError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if os.environ.get("SPARSEGRAPH_DEBUG"):
+                raise
+            console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                          "(rerun with SPARSEGRAPH_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def compile(
+    model: Path = typer.Argument(..., help="ONNX model to sparsify (external data is read from its folder)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe: the passes to run."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for portable.onnx, report.json, report.md."),
+    seed: int = typer.Option(0, help="Seed for every random choice (results are deterministic for a seed)."),
+    feeds: Optional[Path] = typer.Option(
+        None, help=".npz of inputs (arrays named after the model's inputs) for the numeric check; "
+        "random valid inputs when omitted."),  # fmt: skip
+    validate: bool = typer.Option(True, help="Check the result with onnx.checker and compare outputs in onnxruntime."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+):
+    """Run a recipe on MODEL and write OUTPUT/portable.onnx (standard ONNX ops, runs in stock
+    onnxruntime), OUTPUT/report.json and OUTPUT/report.md.
+
+    Example: sparsegraph compile examples/stories260K/stories260K.onnx
+    --recipe examples/recipes/magnitude50.yaml -o out/stories260K
+    """
+    from .compile import compile_model
+    from .recipe import Recipe
+
+    steps = Recipe.load(recipe)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("loading", total=len(steps.steps))
+
+        def on_pass(i, p):
+            progress.update(task, completed=i, description=f"pass {p.name}")
+
+        result = compile_model(model, steps, output, seed=seed, feeds=feeds, validate=validate, on_pass=on_pass)
+        progress.update(task, completed=len(steps.steps))
+    if quiet:
+        return
+    t = result.report["totals"]
+    table = Table(title=f"{model.name}: {len(result.report['ops'])} weighted ops")
+    for col in ("", "before", "after"):
+        table.add_column(col, justify="right")
+    table.add_row("nonzero weights", f"{t['nonzeros_before']:,}", f"{t['nonzeros_after']:,}")
+    table.add_row("sparsity", f"{1 - t['nonzeros_before'] / max(t['params'], 1):.1%}", f"{t['sparsity_after']:.1%}")
+    table.add_row("weight MB (best format)", f"{t['bytes_dense_before'] / 1e6:.3f}", f"{t['bytes_best_after'] / 1e6:.3f}")
+    out.print(table)
+    for d in result.report["validation"]["outputs"] or []:
+        out.print(f"output {d['name']}: max rel diff {d['max_rel']:.3g}, cosine {d['cosine']:.5f}")
+    for p in result.report["passes"]:
+        for w in p["warnings"]:
+            out.print(f"[yellow]warning[/yellow] ({p['pass']}): {w}")
+    out.print(f"wrote {result.portable}, {output / 'report.json'}, {output / 'report.md'}")
+
+
+@app.command()
+@friendly_errors
+def analyze(
+    model: Path = typer.Argument(..., help="ONNX model to analyse."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON instead."),
+    plot: Optional[Path] = typer.Option(None, help="Write a per-layer sparsity and size chart (PNG) here."),
+):
+    """List the ops with a constant weight: role and layer (structural analysis), shape,
+    sparsity, FLOPs per token, and weight bytes dense vs the smallest sparse format."""
+    from .compile import op_summary
+    from .model import Model
+
+    m = Model.load(model)
+    summary = op_summary(m)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        table = Table(title=f"{model.name}: {len(summary)} weighted ops")
+        for col in ("op", "type", "role", "layer", "N×K", "sparsity", "MFLOP/token", "dense kB", "best", "kB", "bound"):
+            table.add_column(col, justify="left" if col in ("op", "type", "role", "best") else "right")
+        for name, s in summary.items():
+            table.add_row(
+                name, s["op_type"], s["role"] or "–", "" if s["layer"] is None else str(s["layer"]),
+                f"{s['shape'][0]}×{s['shape'][1]}", f"{1 - s['nonzeros'] / max(s['params'], 1):.1%}",
+                f"{s['flops_dense'] / 1e6:.3f}", f"{s['bytes_dense'] / 1e3:.1f}", s["best_format"],
+                f"{s['bytes_best'] / 1e3:.1f}", f"{s['bytes_bound']:.2f}x",
+            )  # fmt: skip
+        out.print(table)
+    if plot:
+        from .plots import plot_layers
+
+        plot_layers(summary, plot, title=model.name)
+        console.print(f"wrote {plot}")
+
+
+@app.command()
+@friendly_errors
+def passes():
+    """List the registered passes, what they do, and their parameters."""
+    from .pass_manager import AnalysisPass, registry
+
+    for name, cls in registry().items():
+        kind = "analysis" if issubclass(cls, AnalysisPass) else "rewrite"
+        doc = " ".join((cls.__doc__ or "").split())
+        out.print(f"[bold]{name}[/bold] ({kind}): {doc}", highlight=False)
+        for field, info in cls.Config.model_fields.items():
+            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            desc = f" — {info.description}" if info.description else ""
+            out.print(f"    {field}: {_type_name(info.annotation)} ({default}){desc}", highlight=False)
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+@app.command("convert-llama2c")
+@friendly_errors
+def convert_llama2c(
+    checkpoint: Path = typer.Argument(..., help="llama2.c checkpoint (.bin)."),
+    output: Path = typer.Argument(..., help="ONNX file to write."),
+):
+    """Convert a llama2.c checkpoint to an ONNX causal LM (input `tokens`, output `logits`)."""
+    from .errors import UsageError
+    from .models.llama2c import convert
+
+    if not checkpoint.is_file():
+        raise UsageError(f"{checkpoint}: file not found")
+    try:
+        convert(checkpoint, output)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out.print(f"wrote {output}")
+
+
+def main():  # pragma: no cover
+    app()

@@ -1,0 +1,109 @@
+"""The compile pipeline: load, run a recipe, write `portable.onnx` and the report, validate.
+
+`compile_model(model, recipe, out_dir)` is what `sparsegraph compile` runs. Nothing is
+written into `out_dir` until every step has succeeded: the artifacts are built in a
+staging folder beside it and moved in at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import report as reporting
+from .errors import UsageError
+from .feeds import load_feeds, random_feeds
+from .model import Model
+from .pass_manager import Pass, PassContext, PassManager
+from .passes.analysis.cost_model import CostModel
+from .passes.analysis.roles import Roles
+from .passes.analysis.sparsifiable import SparsifiableOps
+from .recipe import Recipe
+from .validate import check_model_file, compare, run, session
+
+PORTABLE = "portable.onnx"
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    portable: Path
+    report: dict[str, Any]
+
+
+def op_summary(model: Model, ctx: PassContext | None = None) -> dict[str, dict[str, Any]]:
+    """Per weighted op: op type, role, layer, shape, params, nonzeros, dense and best bytes."""
+    ctx = ctx or PassContext()
+    ops = ctx.get(SparsifiableOps, model)
+    roles = ctx.get(Roles, model)
+    costs = ctx.get(CostModel, model)
+    out = {}
+    for op in ops:
+        role, cost = roles.get(op.name), costs[op.name]
+        out[op.name] = {
+            "op_type": op.op_type, "role": role.role if role else None, "layer": role.layer if role else None,
+            "shape": list(op.shape), "dtype": op.dtype, "params": op.shape[0] * op.shape[1],
+            "nonzeros": cost.flops_sparse // 2, "flops_dense": cost.flops_dense, "flops_sparse": cost.flops_sparse,
+            "bytes_dense": cost.bytes_dense, "bytes_best": cost.bytes_best, "best_format": cost.best_format,
+            "bytes_by_format": cost.bytes_by_format, "bytes_bound": cost.bytes_bound,
+        }  # fmt: skip
+    return out
+
+
+def compile_model(
+    model: str | Path,
+    recipe: str | Path | dict | list | Recipe,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    feeds: str | Path | dict[str, np.ndarray] | None = None,
+    validate: bool = True,
+    on_pass: Callable[[int, Pass], None] | None = None,
+) -> CompileResult:
+    """Apply `recipe` to the ONNX file `model`; write `portable.onnx`, `report.json`,
+    `report.md` into `out_dir`. Returns the paths and the report dict."""
+    model_path, out_dir = Path(model), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: output path exists and is not a folder")
+    recipe = Recipe.load(recipe)  # a bad recipe fails before any work
+    m = Model.load(model_path)
+    start = time.perf_counter()
+    before = op_summary(m)
+    ctx = PassManager(recipe.steps, seed=seed, progress=on_pass).run(m)
+    after = op_summary(m)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".sparsegraph-", dir=out_dir.parent))
+    try:
+        portable = m.save(staging / PORTABLE)
+        diffs, feed_desc = None, "not validated"
+        if validate:
+            check_model_file(portable)
+            if isinstance(feeds, dict):
+                feed_arrays, feed_desc = feeds, "given feeds"
+            elif feeds is not None:
+                feed_arrays, feed_desc = load_feeds(feeds, m), f"feeds from {feeds}"
+            else:
+                feed_arrays, feed_desc = random_feeds(m, seed), f"random feeds (seed {seed})"
+            diffs = compare(run(session(model_path), feed_arrays), run(session(portable), feed_arrays))
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        rep = reporting.build(
+            model=str(model_path), recipe=recipe.to_dict(), seed=seed,
+            rows=reporting.op_rows(before, after, ctx), ctx=ctx, diffs=diffs, files=files, feeds=feed_desc,
+            extra={"seconds": round(time.perf_counter() - start, 3)},
+        )  # fmt: skip
+        reporting.write(rep, staging)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(staging.iterdir(), key=lambda p: p.name == PORTABLE):  # the model last
+            f.replace(out_dir / f.name)
+        stale = out_dir / (PORTABLE + ".data")
+        if stale.exists() and (PORTABLE + ".data") not in files:
+            stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return CompileResult(out_dir, out_dir / PORTABLE, rep)

@@ -1,0 +1,142 @@
+"""Compile reports: one JSON for machines and one Markdown page for people.
+
+The per-op table joins what the analyses saw before and after the recipe: role, layer,
+shape, sparsity and nonzeros, dense bytes and the bytes of the smallest sparse format
+(the `cost_model`), and the rewrites applied. Totals, the numeric diff of every model
+output against the original, warnings and pass timings follow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .pass_manager import PassContext
+from .validate import OutputDiff
+
+
+def op_rows(before: dict[str, Any], after: dict[str, Any], ctx: PassContext) -> list[dict[str, Any]]:
+    """Rows per original weighted op. `before`/`after` map op name -> dict with keys
+    role, layer, op_type, shape, params, nonzeros, bytes_dense, bytes_best, best_format."""
+    applied: dict[str, list[dict]] = {}
+    for pass_name, result, _ in ctx.history:
+        for change in result.changes:
+            applied.setdefault(change.op, []).append({"pass": pass_name, "action": change.action, **change.detail})
+    rows = []
+    for name, b in before.items():
+        a = after.get(name)
+        changes = applied.get(name, [])
+        factored = next((c for c in changes if c["action"] == "lowrank"), None)
+        if a is None and factored:
+            itemsize = b["bytes_dense"] // max(b["params"], 1)
+            a = {"nonzeros": factored["params_after"], "params": factored["params_after"],
+                 "bytes_dense": factored["params_after"] * itemsize, "best_format": "lowrank"}
+            a["bytes_best"] = a["bytes_dense"]
+        if a is None:  # removed by a rewrite we have no record for
+            a = {"nonzeros": 0, "params": 0, "bytes_dense": 0, "bytes_best": 0, "best_format": "removed"}
+        rows.append({
+            "op": name, "op_type": b["op_type"], "role": b["role"], "layer": b["layer"], "shape": b["shape"],
+            "params": b["params"], "nonzeros_before": b["nonzeros"], "nonzeros_after": a["nonzeros"],
+            "sparsity_before": 1 - b["nonzeros"] / max(b["params"], 1),
+            "sparsity_after": 1 - a["nonzeros"] / max(b["params"], 1),
+            "bytes_dense_before": b["bytes_dense"], "bytes_dense_after": a["bytes_dense"],
+            "bytes_best_after": a["bytes_best"], "format_after": a["best_format"],
+            "applied": [c["action"] for c in changes if c["action"] != "skipped"],
+        })  # fmt: skip
+    return rows
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    t = {k: sum(r[k] for r in rows) for k in ("params", "nonzeros_before", "nonzeros_after",
+                                                "bytes_dense_before", "bytes_dense_after", "bytes_best_after")}
+    t["sparsity_after"] = 1 - t["nonzeros_after"] / max(t["params"], 1)
+    t["compression"] = t["bytes_dense_before"] / max(t["bytes_best_after"], 1)
+    return t
+
+
+def build(
+    *, model: str, recipe: dict, seed: int, rows: list[dict], ctx: PassContext, diffs: list[OutputDiff] | None,
+    files: dict[str, int], feeds: str, extra: dict | None = None,
+) -> dict[str, Any]:
+    report = {
+        "model": model,
+        "recipe": recipe,
+        "seed": seed,
+        "totals": totals(rows),
+        "ops": rows,
+        "validation": {"feeds": feeds, "outputs": [d.to_dict() for d in diffs] if diffs is not None else None},
+        "passes": [
+            {"pass": name, "modified": res.modified, "changes": len(res.changes), "seconds": round(sec, 4),
+             "warnings": res.warnings}
+            for name, res, sec in ctx.history
+        ],
+        "files": files,
+    }
+    report.update(extra or {})
+    return report
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, default=_jsonable)
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    t = report["totals"]
+    lines = [
+        f"# sparsegraph compile report: {report['model']}",
+        "",
+        f"Recipe: `{json.dumps(report['recipe']['steps'])}` · seed {report['seed']}",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| weights (params) | {t['params']:,} | {t['params']:,} |",
+        f"| nonzero weights | {t['nonzeros_before']:,} | {t['nonzeros_after']:,} |",
+        f"| sparsity | {1 - t['nonzeros_before'] / max(t['params'], 1):.1%} | {t['sparsity_after']:.1%} |",
+        f"| weight bytes, dense storage | {_mb(t['bytes_dense_before'])} | {_mb(t['bytes_dense_after'])} |",
+        f"| weight bytes, best sparse format | – | {_mb(t['bytes_best_after'])} ({t['compression']:.2f}x smaller) |",
+        "",
+        "## Ops",
+        "",
+        "| op | type | role | layer | shape (N×K) | sparsity before → after | nonzeros after | format | bytes dense → best | applied |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["ops"]:
+        lines.append(
+            f"| `{r['op']}` | {r['op_type']} | {r['role'] or '–'} | {'' if r['layer'] is None else r['layer']} "
+            f"| {r['shape'][0]}×{r['shape'][1]} | {r['sparsity_before']:.1%} → {r['sparsity_after']:.1%} "
+            f"| {r['nonzeros_after']:,} | {r['format_after']} | {_mb(r['bytes_dense_before'])} → "
+            f"{_mb(r['bytes_best_after'])} | {', '.join(r['applied']) or '–'} |"
+        )
+    val = report["validation"]
+    lines += ["", f"## Numeric diff vs the original ({val['feeds']})", ""]
+    if val["outputs"] is None:
+        lines.append("Validation was skipped.")
+    else:
+        lines += ["| output | max abs | mean abs | max rel | cosine |", "|---|---|---|---|---|"]
+        for d in val["outputs"]:
+            lines.append(f"| `{d['name']}` | {d['max_abs']:.4g} | {d['mean_abs']:.4g} | {d['max_rel']:.4g} "
+                         f"| {d['cosine']:.6f} |")
+    lines += ["", "## Passes", "", "| pass | modified | changes | seconds | warnings |", "|---|---|---|---|---|"]
+    for p in report["passes"]:
+        lines.append(f"| {p['pass']} | {p['modified']} | {p['changes']} | {p['seconds']:.3f} "
+                     f"| {'; '.join(p['warnings']) or '–'} |")
+    lines += ["", "## Files", ""] + [f"- `{name}`: {_mb(size)}" for name, size in report["files"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def write(report: dict[str, Any], folder: Path) -> None:
+    (folder / "report.json").write_text(to_json(report))
+    (folder / "report.md").write_text(to_markdown(report))
