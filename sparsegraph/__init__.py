@@ -38,8 +38,27 @@ from .recipe import Recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnalysisPass", "Change", "CompileResult", "Model", "ModelLoadError", "Pass", "PassConfig", "PassContext",
-    "PassError", "PassManager", "PassResult", "Recipe", "RecipeError", "RewritePass", "SparsegraphError",
-    "UnsupportedOpError", "UsageError", "ValidationError", "compile_model", "get_pass", "op_summary", "register",
+    "AnalysisPass",
+    "Change",
+    "CompileResult",
+    "Model",
+    "ModelLoadError",
+    "Pass",
+    "PassConfig",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "Recipe",
+    "RecipeError",
+    "RewritePass",
+    "SparsegraphError",
+    "UnsupportedOpError",
+    "UsageError",
+    "ValidationError",
+    "compile_model",
+    "get_pass",
+    "op_summary",
+    "register",
     "registry",
-]  # fmt: skip
+]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)  # do not squeeze tables into 80 columns in pipes
 
 
 def friendly_errors(func):
@@ -55,8 +55,12 @@ def friendly_errors(func):
         except Exception as exc:
             if os.environ.get("SPARSEGRAPH_DEBUG"):
                 raise
-            console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
-                          "(rerun with SPARSEGRAPH_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            console.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                "(rerun with SPARSEGRAPH_DEBUG=1 for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -67,12 +71,18 @@ def friendly_errors(func):
 def compile(
     model: Path = typer.Argument(..., help="ONNX model to sparsify (external data is read from its folder)."),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe: the passes to run."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for portable.onnx, report.json, report.md."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder for portable.onnx, report.json, report.md."
+    ),
     seed: int = typer.Option(0, help="Seed for every random choice (results are deterministic for a seed)."),
-    feeds: Optional[Path] = typer.Option(
-        None, help=".npz of inputs (arrays named after the model's inputs) for the numeric check; "
-        "random valid inputs when omitted."),  # fmt: skip
-    validate: bool = typer.Option(True, help="Check the result with onnx.checker and compare outputs in onnxruntime."),
+    feeds: Path | None = typer.Option(
+        None,
+        help=".npz of inputs (arrays named after the model's inputs) for the numeric check; "
+        "random valid inputs when omitted.",
+    ),
+    validate: bool = typer.Option(
+        True, help="Check the result with onnx.checker and compare outputs in onnxruntime."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ):
     """Run a recipe on MODEL and write OUTPUT/portable.onnx (standard ONNX ops, runs in stock
@@ -85,14 +95,23 @@ def compile(
     from .recipe import Recipe
 
     steps = Recipe.load(recipe)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, disable=quiet, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    ) as progress:
         task = progress.add_task("loading", total=len(steps.steps))
 
         def on_pass(i, p):
             progress.update(task, completed=i, description=f"pass {p.name}")
 
-        result = compile_model(model, steps, output, seed=seed, feeds=feeds, validate=validate, on_pass=on_pass)
+        result = compile_model(
+            model, steps, output, seed=seed, feeds=feeds, validate=validate, on_pass=on_pass
+        )
         progress.update(task, completed=len(steps.steps))
     if quiet:
         return
@@ -101,8 +120,14 @@ def compile(
     for col in ("", "before", "after"):
         table.add_column(col, justify="right")
     table.add_row("nonzero weights", f"{t['nonzeros_before']:,}", f"{t['nonzeros_after']:,}")
-    table.add_row("sparsity", f"{1 - t['nonzeros_before'] / max(t['params'], 1):.1%}", f"{t['sparsity_after']:.1%}")
-    table.add_row("weight MB (best format)", f"{t['bytes_dense_before'] / 1e6:.3f}", f"{t['bytes_best_after'] / 1e6:.3f}")
+    table.add_row(
+        "sparsity", f"{1 - t['nonzeros_before'] / max(t['params'], 1):.1%}", f"{t['sparsity_after']:.1%}"
+    )
+    table.add_row(
+        "weight MB (best format)",
+        f"{t['bytes_dense_before'] / 1e6:.3f}",
+        f"{t['bytes_best_after'] / 1e6:.3f}",
+    )
     out.print(table)
     for d in result.report["validation"]["outputs"] or []:
         out.print(f"output {d['name']}: max rel diff {d['max_rel']:.3g}, cosine {d['cosine']:.5f}")
@@ -117,7 +142,7 @@ def compile(
 def analyze(
     model: Path = typer.Argument(..., help="ONNX model to analyse."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON instead."),
-    plot: Optional[Path] = typer.Option(None, help="Write a per-layer sparsity and size chart (PNG) here."),
+    plot: Path | None = typer.Option(None, help="Write a per-layer sparsity and size chart (PNG) here."),
 ):
     """List the ops with a constant weight: role and layer (structural analysis), shape,
     sparsity, FLOPs per token, and weight bytes dense vs the smallest sparse format."""
@@ -130,15 +155,34 @@ def analyze(
         out.print_json(json.dumps(summary))
     else:
         table = Table(title=f"{model.name}: {len(summary)} weighted ops")
-        for col in ("op", "type", "role", "layer", "N×K", "sparsity", "MFLOP/token", "dense kB", "best", "kB", "bound"):
+        for col in (
+            "op",
+            "type",
+            "role",
+            "layer",
+            "N×K",
+            "sparsity",
+            "MFLOP/token",
+            "dense kB",
+            "best",
+            "kB",
+            "bound",
+        ):
             table.add_column(col, justify="left" if col in ("op", "type", "role", "best") else "right")
         for name, s in summary.items():
             table.add_row(
-                name, s["op_type"], s["role"] or "–", "" if s["layer"] is None else str(s["layer"]),
-                f"{s['shape'][0]}×{s['shape'][1]}", f"{1 - s['nonzeros'] / max(s['params'], 1):.1%}",
-                f"{s['flops_dense'] / 1e6:.3f}", f"{s['bytes_dense'] / 1e3:.1f}", s["best_format"],
-                f"{s['bytes_best'] / 1e3:.1f}", f"{s['bytes_bound']:.2f}x",
-            )  # fmt: skip
+                name,
+                s["op_type"],
+                s["role"] or "–",
+                "" if s["layer"] is None else str(s["layer"]),
+                f"{s['shape'][0]}×{s['shape'][1]}",
+                f"{1 - s['nonzeros'] / max(s['params'], 1):.1%}",
+                f"{s['flops_dense'] / 1e6:.3f}",
+                f"{s['bytes_dense'] / 1e3:.1f}",
+                s["best_format"],
+                f"{s['bytes_best'] / 1e3:.1f}",
+                f"{s['bytes_bound']:.2f}x",
+            )
         out.print(table)
     if plot:
         from .plots import plot_layers
@@ -158,7 +202,11 @@ def passes():
         doc = " ".join((cls.__doc__ or "").split())
         out.print(f"[bold]{name}[/bold] ({kind}): {doc}", highlight=False)
         for field, info in cls.Config.model_fields.items():
-            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            default = (
+                "required"
+                if info.is_required()
+                else f"default {info.get_default(call_default_factory=True)!r}"
+            )
             desc = f" — {info.description}" if info.description else ""
             out.print(f"    {field}: {_type_name(info.annotation)} ({default}){desc}", highlight=False)
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import report as reporting
-from .errors import UsageError
-from .feeds import load_feeds, random_feeds
+from .errors import UsageError, ValidationError
+from .feeds import feed_candidates, load_feeds
 from .model import Model
 from .pass_manager import Pass, PassContext, PassManager
 from .passes.analysis.cost_model import CostModel
@@ -47,12 +48,21 @@ def op_summary(model: Model, ctx: PassContext | None = None) -> dict[str, dict[s
     for op in ops:
         role, cost = roles.get(op.name), costs[op.name]
         out[op.name] = {
-            "op_type": op.op_type, "role": role.role if role else None, "layer": role.layer if role else None,
-            "shape": list(op.shape), "dtype": op.dtype, "params": op.shape[0] * op.shape[1],
-            "nonzeros": cost.flops_sparse // 2, "flops_dense": cost.flops_dense, "flops_sparse": cost.flops_sparse,
-            "bytes_dense": cost.bytes_dense, "bytes_best": cost.bytes_best, "best_format": cost.best_format,
-            "bytes_by_format": cost.bytes_by_format, "bytes_bound": cost.bytes_bound,
-        }  # fmt: skip
+            "op_type": op.op_type,
+            "role": role.role if role else None,
+            "layer": role.layer if role else None,
+            "shape": list(op.shape),
+            "dtype": op.dtype,
+            "params": op.shape[0] * op.shape[1],
+            "nonzeros": cost.flops_sparse // 2,
+            "flops_dense": cost.flops_dense,
+            "flops_sparse": cost.flops_sparse,
+            "bytes_dense": cost.bytes_dense,
+            "bytes_best": cost.bytes_best,
+            "best_format": cost.best_format,
+            "bytes_by_format": cost.bytes_by_format,
+            "bytes_bound": cost.bytes_bound,
+        }
     return out
 
 
@@ -89,14 +99,21 @@ def compile_model(
             elif feeds is not None:
                 feed_arrays, feed_desc = load_feeds(feeds, m), f"feeds from {feeds}"
             else:
-                feed_arrays, feed_desc = random_feeds(m, seed), f"random feeds (seed {seed})"
-            diffs = compare(run(session(model_path), feed_arrays), run(session(portable), feed_arrays))
+                feed_arrays, feed_desc = None, f"random feeds (seed {seed})"
+            reference, feed_arrays = _reference_outputs(session(model_path), m, feed_arrays, seed)
+            diffs = compare(reference, run(session(portable), feed_arrays))
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         rep = reporting.build(
-            model=str(model_path), recipe=recipe.to_dict(), seed=seed,
-            rows=reporting.op_rows(before, after, ctx), ctx=ctx, diffs=diffs, files=files, feeds=feed_desc,
+            model=str(model_path),
+            recipe=recipe.to_dict(),
+            seed=seed,
+            rows=reporting.op_rows(before, after, ctx),
+            ctx=ctx,
+            diffs=diffs,
+            files=files,
+            feeds=feed_desc,
             extra={"seconds": round(time.perf_counter() - start, 3)},
-        )  # fmt: skip
+        )
         reporting.write(rep, staging)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.iterdir(), key=lambda p: p.name == PORTABLE):  # the model last
@@ -107,3 +124,17 @@ def compile_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return CompileResult(out_dir, out_dir / PORTABLE, rep)
+
+
+def _reference_outputs(sess, model: Model, feeds: dict | None, seed: int) -> tuple[dict, dict]:
+    """Outputs of the original model and the feeds used: `feeds` if given, else the first
+    random candidate the model accepts."""
+    if feeds is not None:
+        return run(sess, feeds), feeds
+    error = None
+    for candidate in feed_candidates(model, seed):
+        try:
+            return run(sess, candidate), candidate
+        except ValidationError as exc:
+            error = exc
+    raise ValidationError(f"{error} (with random inputs; pass --feeds with real inputs)")

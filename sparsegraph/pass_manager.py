@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import pydantic
@@ -138,7 +139,7 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 def registry() -> dict[str, type[Pass]]:
     """All registered passes by name (importing the built-in pass packages first)."""
-    import sparsegraph.passes.analysis  # noqa: F401  (registers)
+    import sparsegraph.passes.analysis
     import sparsegraph.passes.rewrite  # noqa: F401
 
     return dict(sorted(_REGISTRY.items()))
@@ -156,11 +157,14 @@ def make_config(config_cls: type[PassConfig], params: dict[str, Any], pass_name:
     try:
         return config_cls.model_validate(params)
     except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        err = errors[0]
         key = ".".join(str(p) for p in err["loc"]) or "<params>"
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(config_cls.model_fields)
             raise RecipeError(f"pass {pass_name!r}: unknown key {key!r} (allowed: {allowed})") from None
+        if err["type"] == "missing":
+            raise RecipeError(f"pass {pass_name!r}: missing required key {key!r}") from None
         msg = err["msg"].removeprefix("Value error, ")
         raise RecipeError(f"pass {pass_name!r}: {key}: {msg} (got {err.get('input')!r})") from None
 

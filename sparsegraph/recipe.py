@@ -42,8 +42,9 @@ class Recipe:
         if isinstance(recipe, Recipe):
             return recipe
         source = "<recipe>"
-        if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe and
-                                               recipe.endswith((".yaml", ".yml"))):
+        if isinstance(recipe, os.PathLike) or (
+            isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))
+        ):
             path = Path(recipe)
             if not path.is_file():
                 raise RecipeError(f"{path}: recipe file not found")
@@ -57,12 +58,18 @@ class Recipe:
             raise RecipeError(f"{source}: a recipe is a mapping with a 'steps:' list")
         unknown = set(recipe) - TOP_LEVEL_KEYS
         if unknown:
-            raise RecipeError(f"{source}: unknown top-level key {sorted(unknown)[0]!r} (allowed: steps, name, description)")
+            raise RecipeError(
+                f"{source}: unknown top-level key {sorted(unknown)[0]!r} (allowed: steps, name, description)"
+            )
         steps = recipe.get("steps")
         if not isinstance(steps, list) or not steps:
             raise RecipeError(f"{source}: 'steps:' must be a non-empty list")
-        return cls([_make_step(step, i, source) for i, step in enumerate(steps, 1)], source,
-                   str(recipe.get("name", "")), str(recipe.get("description", "")))
+        return cls(
+            [_make_step(step, i, source) for i, step in enumerate(steps, 1)],
+            source,
+            str(recipe.get("name", "")),
+            str(recipe.get("description", "")),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [{"pass": p.name, **p.config.model_dump(exclude_defaults=True)} for p in self.steps]}

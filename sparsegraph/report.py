@@ -22,7 +22,9 @@ def op_rows(before: dict[str, Any], after: dict[str, Any], ctx: PassContext) -> 
     applied: dict[str, list[dict]] = {}
     for pass_name, result, _ in ctx.history:
         for change in result.changes:
-            applied.setdefault(change.op, []).append({"pass": pass_name, "action": change.action, **change.detail})
+            applied.setdefault(change.op, []).append(
+                {"pass": pass_name, "action": change.action, **change.detail}
+            )
     rows = []
     for name, b in before.items():
         a = after.get(name)
@@ -30,34 +32,65 @@ def op_rows(before: dict[str, Any], after: dict[str, Any], ctx: PassContext) -> 
         factored = next((c for c in changes if c["action"] == "lowrank"), None)
         if a is None and factored:
             itemsize = b["bytes_dense"] // max(b["params"], 1)
-            a = {"nonzeros": factored["params_after"], "params": factored["params_after"],
-                 "bytes_dense": factored["params_after"] * itemsize, "best_format": "lowrank"}
+            a = {
+                "nonzeros": factored["params_after"],
+                "params": factored["params_after"],
+                "bytes_dense": factored["params_after"] * itemsize,
+                "best_format": "lowrank",
+            }
             a["bytes_best"] = a["bytes_dense"]
         if a is None:  # removed by a rewrite we have no record for
             a = {"nonzeros": 0, "params": 0, "bytes_dense": 0, "bytes_best": 0, "best_format": "removed"}
-        rows.append({
-            "op": name, "op_type": b["op_type"], "role": b["role"], "layer": b["layer"], "shape": b["shape"],
-            "params": b["params"], "nonzeros_before": b["nonzeros"], "nonzeros_after": a["nonzeros"],
-            "sparsity_before": 1 - b["nonzeros"] / max(b["params"], 1),
-            "sparsity_after": 1 - a["nonzeros"] / max(b["params"], 1),
-            "bytes_dense_before": b["bytes_dense"], "bytes_dense_after": a["bytes_dense"],
-            "bytes_best_after": a["bytes_best"], "format_after": a["best_format"],
-            "applied": [c["action"] for c in changes if c["action"] != "skipped"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "op": name,
+                "op_type": b["op_type"],
+                "role": b["role"],
+                "layer": b["layer"],
+                "shape": b["shape"],
+                "params": b["params"],
+                "nonzeros_before": b["nonzeros"],
+                "nonzeros_after": a["nonzeros"],
+                "sparsity_before": 1 - b["nonzeros"] / max(b["params"], 1),
+                "sparsity_after": 1 - a["nonzeros"] / max(b["params"], 1),
+                "bytes_dense_before": b["bytes_dense"],
+                "bytes_dense_after": a["bytes_dense"],
+                "bytes_best_after": a["bytes_best"],
+                "format_after": a["best_format"],
+                "applied": [c["action"] for c in changes if c["action"] != "skipped"],
+            }
+        )
     return rows
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    t = {k: sum(r[k] for r in rows) for k in ("params", "nonzeros_before", "nonzeros_after",
-                                                "bytes_dense_before", "bytes_dense_after", "bytes_best_after")}
+    t = {
+        k: sum(r[k] for r in rows)
+        for k in (
+            "params",
+            "nonzeros_before",
+            "nonzeros_after",
+            "bytes_dense_before",
+            "bytes_dense_after",
+            "bytes_best_after",
+        )
+    }
     t["sparsity_after"] = 1 - t["nonzeros_after"] / max(t["params"], 1)
     t["compression"] = t["bytes_dense_before"] / max(t["bytes_best_after"], 1)
     return t
 
 
 def build(
-    *, model: str, recipe: dict, seed: int, rows: list[dict], ctx: PassContext, diffs: list[OutputDiff] | None,
-    files: dict[str, int], feeds: str, extra: dict | None = None,
+    *,
+    model: str,
+    recipe: dict,
+    seed: int,
+    rows: list[dict],
+    ctx: PassContext,
+    diffs: list[OutputDiff] | None,
+    files: dict[str, int],
+    feeds: str,
+    extra: dict | None = None,
 ) -> dict[str, Any]:
     report = {
         "model": model,
@@ -65,10 +98,18 @@ def build(
         "seed": seed,
         "totals": totals(rows),
         "ops": rows,
-        "validation": {"feeds": feeds, "outputs": [d.to_dict() for d in diffs] if diffs is not None else None},
+        "validation": {
+            "feeds": feeds,
+            "outputs": [d.to_dict() for d in diffs] if diffs is not None else None,
+        },
         "passes": [
-            {"pass": name, "modified": res.modified, "changes": len(res.changes), "seconds": round(sec, 4),
-             "warnings": res.warnings}
+            {
+                "pass": name,
+                "modified": res.modified,
+                "changes": len(res.changes),
+                "seconds": round(sec, 4),
+                "warnings": res.warnings,
+            }
             for name, res, sec in ctx.history
         ],
         "files": files,
@@ -102,16 +143,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"| nonzero weights | {t['nonzeros_before']:,} | {t['nonzeros_after']:,} |",
         f"| sparsity | {1 - t['nonzeros_before'] / max(t['params'], 1):.1%} | {t['sparsity_after']:.1%} |",
         f"| weight bytes, dense storage | {_mb(t['bytes_dense_before'])} | {_mb(t['bytes_dense_after'])} |",
-        f"| weight bytes, best sparse format | – | {_mb(t['bytes_best_after'])} ({t['compression']:.2f}x smaller) |",
+        f"| weight bytes, best sparse format | – | {_mb(t['bytes_best_after'])} "
+        f"({t['compression']:.2f}x smaller) |",
         "",
         "## Ops",
         "",
-        "| op | type | role | layer | shape (N×K) | sparsity before → after | nonzeros after | format | bytes dense → best | applied |",
+        "| op | type | role | layer | shape (N×K) | sparsity before → after | nonzeros after | format "
+        "| bytes dense → best | applied |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["ops"]:
         lines.append(
-            f"| `{r['op']}` | {r['op_type']} | {r['role'] or '–'} | {'' if r['layer'] is None else r['layer']} "
+            f"| `{r['op']}` | {r['op_type']} | {r['role'] or '–'} "
+            f"| {'' if r['layer'] is None else r['layer']} "
             f"| {r['shape'][0]}×{r['shape'][1]} | {r['sparsity_before']:.1%} → {r['sparsity_after']:.1%} "
             f"| {r['nonzeros_after']:,} | {r['format_after']} | {_mb(r['bytes_dense_before'])} → "
             f"{_mb(r['bytes_best_after'])} | {', '.join(r['applied']) or '–'} |"
@@ -123,12 +167,22 @@ def to_markdown(report: dict[str, Any]) -> str:
     else:
         lines += ["| output | max abs | mean abs | max rel | cosine |", "|---|---|---|---|---|"]
         for d in val["outputs"]:
-            lines.append(f"| `{d['name']}` | {d['max_abs']:.4g} | {d['mean_abs']:.4g} | {d['max_rel']:.4g} "
-                         f"| {d['cosine']:.6f} |")
-    lines += ["", "## Passes", "", "| pass | modified | changes | seconds | warnings |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| `{d['name']}` | {d['max_abs']:.4g} | {d['mean_abs']:.4g} | {d['max_rel']:.4g} "
+                f"| {d['cosine']:.6f} |"
+            )
+    lines += [
+        "",
+        "## Passes",
+        "",
+        "| pass | modified | changes | seconds | warnings |",
+        "|---|---|---|---|---|",
+    ]
     for p in report["passes"]:
-        lines.append(f"| {p['pass']} | {p['modified']} | {p['changes']} | {p['seconds']:.3f} "
-                     f"| {'; '.join(p['warnings']) or '–'} |")
+        lines.append(
+            f"| {p['pass']} | {p['modified']} | {p['changes']} | {p['seconds']:.3f} "
+            f"| {'; '.join(p['warnings']) or '–'} |"
+        )
     lines += ["", "## Files", ""] + [f"- `{name}`: {_mb(size)}" for name, size in report["files"].items()]
     return "\n".join(lines) + "\n"
 

@@ -18,16 +18,28 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import RecipeError
 
 KINDS = ("op", "role", "name", "re", "layers")
 ROLES = (
-    "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.qk", "attn.kv",
-    "ffn.up", "ffn.gate", "ffn.down", "lm_head", "head", "embed",
-)  # fmt: skip
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.o",
+    "attn.qkv",
+    "attn.qk",
+    "attn.kv",
+    "ffn.up",
+    "ffn.gate",
+    "ffn.down",
+    "lm_head",
+    "head",
+    "embed",
+)
 DEFAULT_EXCLUDED_ROLES = ("lm_head", "head", "embed")
 
 
@@ -113,11 +125,17 @@ def select(ops, roles, targets: list[str] | None, ignore: list[str], where: str)
     all_ops = list(ops)
     if targets is None:
         chosen = [
-            op for op in all_ops
-            if op.is_linear and (role_of(op.name) is None or role_of(op.name).role not in DEFAULT_EXCLUDED_ROLES)
-        ]  # fmt: skip
+            op
+            for op in all_ops
+            if op.is_linear
+            and (role_of(op.name) is None or role_of(op.name).role not in DEFAULT_EXCLUDED_ROLES)
+        ]
     else:
-        chosen = [op for op in all_ops if any(s.matches(op, role_of(op.name)) for s in _checked(targets, all_ops, role_of, where))]
+        chosen = [
+            op
+            for op in all_ops
+            if any(s.matches(op, role_of(op.name)) for s in _checked(targets, all_ops, role_of, where))
+        ]
     drop = _checked(ignore, all_ops, role_of, where, what="ignore selector")
     return [op for op in chosen if not any(s.matches(op, role_of(op.name)) for s in drop)]
 

@@ -51,7 +51,7 @@ def run(path_or_session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
     names = [o.name for o in sess.get_outputs()]
     try:
-        return dict(zip(names, sess.run(names, feeds)))
+        return dict(zip(names, sess.run(names, feeds), strict=True))
     except Exception as exc:
         raise ValidationError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
 
@@ -68,9 +68,13 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         d = np.abs(a - b)
         scale = float(np.max(np.abs(a))) if a.size else 0.0
         denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-        diffs.append(OutputDiff(
-            name, float(d.max()) if d.size else 0.0, float(d.mean()) if d.size else 0.0,
-            float(d.max() / scale) if scale > 0 and d.size else 0.0,
-            float(a @ b / denom) if denom > 0 else 1.0,
-        ))  # fmt: skip
+        diffs.append(
+            OutputDiff(
+                name,
+                float(d.max()) if d.size else 0.0,
+                float(d.mean()) if d.size else 0.0,
+                float(d.max() / scale) if scale > 0 and d.size else 0.0,
+                float(a @ b / denom) if denom > 0 else 1.0,
+            )
+        )
     return diffs

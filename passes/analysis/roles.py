@@ -36,14 +36,37 @@ from sparsegraph.pass_manager import AnalysisPass, register
 from .sparsifiable import SparsifiableOps, WeightedOps
 
 ACTIVATIONS = {
-    "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Softplus", "Elu", "Selu", "LeakyRelu", "HardSigmoid",
-    "HardSwish", "Mish", "Swish", "Softsign", "PRelu", "ThresholdedRelu", "Celu", "FastGelu", "BiasGelu",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "Gelu",
+    "Erf",
+    "Softplus",
+    "Elu",
+    "Selu",
+    "LeakyRelu",
+    "HardSigmoid",
+    "HardSwish",
+    "Mish",
+    "Swish",
+    "Softsign",
+    "PRelu",
+    "ThresholdedRelu",
+    "Celu",
+    "FastGelu",
+    "BiasGelu",
     "QuickGelu",
-}  # fmt: skip
+}
 NORMALIZATIONS = {
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
-    "SkipSimplifiedLayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
-}  # fmt: skip
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "RMSNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "BatchNormalization",
+}
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 SHAPE_OPS = {"Shape", "Size"}
 SEARCH_LIMIT = 64  # nodes visited per local walk
@@ -116,6 +139,7 @@ class _RoleFinder:
         self.upstream = self._upstream_sets()
         self.roles: dict[str, OpRole] = {}
         self.notes: list[str] = []
+        self.score_nodes: set[int] = set()  # nodes between a scores MatMul and its Softmax
 
     # -------------------------------------------------------------- data flow
     def _upstream_sets(self) -> dict[int, int]:
@@ -149,7 +173,7 @@ class _RoleFinder:
         )
 
     def _is_residual_add(self, node: gs.Node) -> bool:
-        if node.op not in ("Add", "Sum") or len(node.inputs) < 2:
+        if node.op not in ("Add", "Sum") or len(node.inputs) < 2 or id(node) in self.score_nodes:
             return False
         inputs = [t for t in node.inputs if self._dynamic(t)]
         if len(inputs) < 2:
@@ -174,12 +198,13 @@ class _RoleFinder:
         return cores
 
     def _softmax_attention(self, softmax: gs.Node) -> AttentionBlock | None:
-        qk = self._walk_back_to_matmul(softmax.inputs[0])
+        qk, between = self._walk_back_to_matmul(softmax.inputs[0])
         if qk is None:
             return None
         pv, via = self._walk_forward_to_matmul(softmax.outputs[0])
         if pv is None:
             return None
+        self.score_nodes |= between
         v_input = pv.inputs[1] if via is pv.inputs[0] else pv.inputs[0]
         return AttentionBlock(
             layer=-1,
@@ -199,8 +224,9 @@ class _RoleFinder:
         v = self._ops_of(inputs[2]) if len(inputs) > 2 else k
         return AttentionBlock(-1, node.name, q, k, v, self._first_linear_after(node.outputs[0]))
 
-    def _walk_back_to_matmul(self, tensor: gs.Tensor) -> gs.Node | None:
-        """Nearest MatMul of two activations upstream of `tensor`, not crossing linear ops."""
+    def _walk_back_to_matmul(self, tensor: gs.Tensor) -> tuple[gs.Node | None, set[int]]:
+        """Nearest MatMul of two activations upstream of `tensor`, not crossing linear ops,
+        and the ids of the nodes visited on the way."""
         queue, seen = deque([tensor]), set()
         while queue and len(seen) < SEARCH_LIMIT:
             t = queue.popleft()
@@ -209,9 +235,9 @@ class _RoleFinder:
                 continue
             seen.add(id(node))
             if self._is_dynamic_matmul(node):
-                return node
+                return node, seen
             queue.extend(i for i in node.inputs if self._dynamic(i))
-        return None
+        return None, seen
 
     def _walk_forward_to_matmul(self, tensor: gs.Tensor) -> tuple[gs.Node | None, gs.Tensor | None]:
         """Nearest MatMul of two activations downstream of `tensor`, and the input it arrives by."""
@@ -276,7 +302,9 @@ class _RoleFinder:
         for block in attention:
             fused = [name for name in block.q if name in block.k or name in block.v]
             for name in set(block.q + block.k + block.v):
-                letters = "".join(c for c, group in zip("qkv", (block.q, block.k, block.v)) if name in group)
+                letters = "".join(
+                    c for c, group in zip("qkv", (block.q, block.k, block.v), strict=True) if name in group
+                )
                 self.roles[name] = OpRole(f"attn.{letters}", block.layer)
             for name in block.o:
                 self.roles.setdefault(name, OpRole("attn.o", block.layer))

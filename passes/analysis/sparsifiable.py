@@ -63,5 +63,7 @@ class SparsifiableOps(AnalysisPass):
             w = ref.matrix()
             if not np.issubdtype(w.dtype, np.floating):
                 continue
-            found.append(WeightedOp(node.name, node.op, ref, (int(w.shape[0]), int(w.shape[1])), str(w.dtype)))
+            found.append(
+                WeightedOp(node.name, node.op, ref, (int(w.shape[0]), int(w.shape[1])), str(w.dtype))
+            )
         return WeightedOps(found)

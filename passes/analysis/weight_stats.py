@@ -39,11 +39,19 @@ def weight_stat(name: str, w: np.ndarray) -> WeightStat:
     nz = a[a > 0]
     hist, _ = np.histogram(np.log10(nz), bins=LOG10_EDGES) if nz.size else (np.zeros(20, int), None)
     return WeightStat(
-        name, tuple(int(d) for d in w.shape), str(w.dtype), int(w.size), int(nz.size),
-        float(1 - nz.size / w.size) if w.size else 0.0, float(a.sum()), float(np.sqrt((a * a).sum())),
-        float(a.max(initial=0.0)), float(a.mean()) if a.size else 0.0, int(w.size - nz.size),
+        name,
+        tuple(int(d) for d in w.shape),
+        str(w.dtype),
+        int(w.size),
+        int(nz.size),
+        float(1 - nz.size / w.size) if w.size else 0.0,
+        float(a.sum()),
+        float(np.sqrt((a * a).sum())),
+        float(a.max(initial=0.0)),
+        float(a.mean()) if a.size else 0.0,
+        int(w.size - nz.size),
         [int(c) for c in hist],
-    )  # fmt: skip
+    )
 
 
 @register
