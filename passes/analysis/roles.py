@@ -69,7 +69,7 @@ NORMALIZATIONS = {
 }
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 SHAPE_OPS = {"Shape", "Size"}
-SEARCH_LIMIT = 64  # nodes visited per local walk
+SEARCH_LIMIT = 256  # nodes visited per local walk
 
 
 @dataclass
@@ -245,7 +245,7 @@ class _RoleFinder:
         while queue and len(seen) < SEARCH_LIMIT:
             t = queue.popleft()
             for node in t.outputs:
-                if id(node) in seen or node.name in self.linear_index:
+                if id(node) in seen or node.name in self.linear_index or node.op in SHAPE_OPS:
                     continue
                 seen.add(id(node))
                 if self._is_dynamic_matmul(node):
@@ -269,7 +269,7 @@ class _RoleFinder:
                     reached[node.name] = reached.get(node.name, False) or act
                     continue
                 key = (id(node), act)
-                if key in seen:
+                if key in seen or node.op in SHAPE_OPS:
                     continue
                 seen.add(key)
                 if (
@@ -289,7 +289,7 @@ class _RoleFinder:
             if id(t) in self.graph_outputs:
                 return True
             for node in t.outputs:
-                if id(node) in seen or node.name in self.linear_index or node.op in ACTIVATIONS:
+                if id(node) in seen or node.name in self.linear_index or node.op in ACTIVATIONS | SHAPE_OPS:
                     continue
                 seen.add(id(node))
                 queue.extend(node.outputs)
