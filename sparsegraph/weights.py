@@ -75,15 +75,22 @@ class WeightRef:
 
     # ---------------------------------------------------------------- mutation
     def apply_mask(self, keep: np.ndarray) -> None:
-        """Zero every canonical entry where `keep` is False (in the stored tensor)."""
+        """Zero every canonical entry where `keep` is False (in the stored tensor).
+
+        `keep` has the canonical shape `(N, K)`; any other shape is a ValueError."""
         keep = np.asarray(keep, dtype=bool)
-        eff_keep = _from_canonical(self.node, keep, self.effective().shape)
+        effective = self.effective()
+        if keep.shape != _to_canonical(self.node, effective).shape:
+            raise ValueError(f"mask of shape {keep.shape} does not fit {self.name!r} of shape {self.shape}")
+        eff_keep = _from_canonical(self.node, keep, effective.shape)
         stored_keep = eff_keep
         zero: np.ndarray | float = 0
         for n in reversed(self.chain):
             if n.op == "Transpose":
                 perm = n.attrs.get("perm") or list(reversed(range(stored_keep.ndim)))
                 stored_keep = np.transpose(stored_keep, np.argsort(perm))
+                if np.ndim(zero):  # a per-axis zero point taken after this Transpose
+                    zero = np.transpose(zero, np.argsort(perm))
             elif n.op == "DequantizeLinear":
                 _, zero = _dq_params(n, stored_keep.ndim)
         self.make_private()
@@ -108,7 +115,8 @@ class WeightRef:
             clone = gs.Node(n.op, (n.name or n.op) + suffix, dict(n.attrs), [current, *n.inputs[1:]], [out])
             chain.append(clone)
             current = out
-        self.graph.nodes.extend(chain)
+        at = _index(self.graph, self.node)  # insert before the op: the graph stays topologically sorted
+        self.graph.nodes[at:at] = chain
         self.node.inputs[self.input_index] = current
         self.source, self.chain = src, chain
 
@@ -123,6 +131,8 @@ class WeightRef:
                     if t is self.source:
                         consumer.inputs[i] = new
             const_node.outputs.clear()
+            if _index(self.graph, const_node) < len(self.graph.nodes):
+                del self.graph.nodes[_index(self.graph, const_node)]
             self.source = new
 
 
@@ -168,6 +178,11 @@ def _trace(graph: gs.Graph, node: gs.Node, index: int) -> WeightRef | None:
             return None
         chain.append(prod)
         tensor = prod.inputs[0]
+
+
+def _index(graph: gs.Graph, node: gs.Node) -> int:
+    """Position of `node` (by identity) in `graph.nodes`, or `len(graph.nodes)`."""
+    return next((i for i, n in enumerate(graph.nodes) if n is node), len(graph.nodes))
 
 
 def _is_constant_chain(tensor: gs.Tensor) -> bool:

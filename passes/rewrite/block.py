@@ -36,13 +36,18 @@ def block_mask(w: np.ndarray, block: tuple[int, int], sparsity: float) -> np.nda
     return expand_block_mask(keep, block, w.shape)
 
 
-def global_block_masks(weights: list[np.ndarray], block: tuple[int, int], sparsity: float) -> list[np.ndarray]:
+def global_block_masks(
+    weights: list[np.ndarray], block: tuple[int, int], sparsity: float
+) -> list[np.ndarray]:
     """Block keep-masks ranked across all weights together (one norm threshold)."""
     norms = [block_norms(w, block) for w in weights]
     flat = np.concatenate([n.ravel() for n in norms]) if norms else np.zeros(0)
     keep = prune_lowest(flat, math.floor(sparsity * flat.size))
     parts = np.split(keep, np.cumsum([n.size for n in norms])[:-1])
-    return [expand_block_mask(k.reshape(n.shape), block, w.shape) for k, n, w in zip(parts, norms, weights)]
+    return [
+        expand_block_mask(k.reshape(n.shape), block, w.shape)
+        for k, n, w in zip(parts, norms, weights, strict=False)
+    ]
 
 
 class BlockConfig(TargetedConfig):

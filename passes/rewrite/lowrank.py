@@ -35,7 +35,7 @@ def choose_rank(
     if rank_ratio is not None:
         r = round(rank_ratio * min(n, k))
     elif param_ratio is not None:
-        r = math.floor(param_ratio * n * k / (n + k))
+        r = math.floor(param_ratio * n * k / (n + k) + 1e-9)  # in floats 0.15 * 24 * 30 / 54 < 2
     else:
         sq = np.asarray(singular_values, dtype=np.float64) ** 2
         total = sq.sum()
@@ -92,7 +92,8 @@ class LowRank(TargetedRewrite):
             s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
             rank = choose_rank(s, op.shape, cfg.rank_ratio, cfg.param_ratio, cfg.energy)
             if not lowers_cost(op.shape, rank):
-                changes.append(Change(op.name, "skipped", {"rank": rank, "reason": "rank too high to save cost"}))
+                reason = "rank too high to save cost"
+                changes.append(Change(op.name, "skipped", {"rank": rank, "reason": reason}))
                 continue
             a, b = low_rank_factors(w, rank)
             err = float(np.linalg.norm(w - a @ b) / max(np.linalg.norm(w), 1e-30))

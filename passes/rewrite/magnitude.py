@@ -13,7 +13,9 @@ from sparsegraph.pass_manager import register
 from .targeted import MaskRewrite, TargetedConfig, prune_lowest, sparsity_field
 
 
-def magnitude_mask(w: np.ndarray, sparsity: float, granularity: Literal["tensor", "row"] = "tensor") -> np.ndarray:
+def magnitude_mask(
+    w: np.ndarray, sparsity: float, granularity: Literal["tensor", "row"] = "tensor"
+) -> np.ndarray:
     """Keep-mask zeroing the `floor(sparsity * n)` smallest-|w| entries of `w[N, K]`.
 
     `granularity="tensor"` ranks all entries together (n = N*K); `"row"` ranks each output
@@ -30,7 +32,7 @@ def global_magnitude_masks(weights: list[np.ndarray], sparsity: float) -> list[n
     flat = np.concatenate([np.abs(w.astype(np.float32)).ravel() for w in weights]) if weights else np.zeros(0)
     keep = prune_lowest(flat, math.floor(sparsity * flat.size))
     splits = np.cumsum([w.size for w in weights])[:-1]
-    return [k.reshape(w.shape) for k, w in zip(np.split(keep, splits), weights)]
+    return [k.reshape(w.shape) for k, w in zip(np.split(keep, splits), weights, strict=False)]
 
 
 class MagnitudeConfig(TargetedConfig):

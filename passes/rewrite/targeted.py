@@ -85,26 +85,37 @@ class MaskRewrite(TargetedRewrite):
         weights = [op.weight.matrix() for op in targets]
         changes = []
         self._written: list[tuple[WeightedOp, np.ndarray]] = []
-        for op, w, keep in zip(targets, weights, self.masks(weights, ctx)):
+        for op, w, keep in zip(targets, weights, self.masks(weights, ctx), strict=True):
             before = float(np.mean(w == 0))
             op.weight.apply_mask(keep)
             self._written.append((op, keep))
             after = float(np.mean((w * keep) == 0))
-            changes.append(Change(op.name, self.name, {"shape": list(op.shape), "sparsity_before": before,
-                                                       "sparsity_after": after}))
+            changes.append(
+                Change(
+                    op.name,
+                    self.name,
+                    {"shape": list(op.shape), "sparsity_before": before, "sparsity_after": after},
+                )
+            )
         return PassResult(bool(changes), changes, warnings)
 
     def postcondition(self, model: Model, ctx: PassContext, result: PassResult) -> None:
         for op, keep in getattr(self, "_written", []):
             w = op.weight.matrix()
-            check(not np.any(w[~keep]), self.name, f"op {op.name!r}: pruned entries are not zero after rewrite")
+            check(
+                not np.any(w[~keep]), self.name, f"op {op.name!r}: pruned entries are not zero after rewrite"
+            )
 
 
 def prune_lowest(scores: np.ndarray, count: int, axis: int | None = None) -> np.ndarray:
     """Keep-mask dropping the `count` lowest scores (over the whole array, or along `axis`).
 
-    Ties are broken by position (stable sort), so the mask is deterministic.
+    Ties are broken by position (stable sort: the earlier entry is dropped first), so the
+    mask is deterministic. `count` must lie in `0..n` (n scores ranked together).
     """
+    n = scores.size if axis is None else scores.shape[axis]
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot drop {count} of {n} scores")
     if axis is None:
         order = np.argsort(scores, axis=None, kind="stable")
         keep = np.ones(scores.size, dtype=bool)
@@ -112,8 +123,14 @@ def prune_lowest(scores: np.ndarray, count: int, axis: int | None = None) -> np.
         return keep.reshape(scores.shape)
     order = np.argsort(scores, axis=axis, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(scores.shape[axis]).reshape(
-        [-1 if a == axis % scores.ndim else 1 for a in range(scores.ndim)]), axis=axis)
+    np.put_along_axis(
+        ranks,
+        order,
+        np.arange(scores.shape[axis]).reshape(
+            [-1 if a == axis % scores.ndim else 1 for a in range(scores.ndim)]
+        ),
+        axis=axis,
+    )
     return ranks >= count
 
 
