@@ -1,0 +1,130 @@
+"""Lower a portable ONNX model to a TVM Relax module whose linear ops run our kernels.
+
+For each static input shape ("bucket") the model is specialised (symbolic dims fixed,
+shape arithmetic folded), imported with `tvm.relax.frontend.onnx.from_onnx`, and every
+`relax.matmul` whose right operand is a constant weight of the model is replaced by
+`call_tir` to the kernel chosen for that op at that M (a `cpu_kernels.CPUKernel`, sparse or
+dense packed), with the activation reshaped to `[M, K]` and the result back to `[..., N]`.
+All buckets live in one IRModule as functions `main_<tag>`, compiled once for the target.
+
+Weights are matched to ops by content (a hash of `W_onnx[K, N]`), so the import's naming
+does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+from sparsegraph.errors import UsageError
+
+MATMUL = tvm.ir.Op.get("relax.matmul")
+
+
+def weight_key(w_onnx: np.ndarray) -> str:
+    """Content key of a matmul right operand `W_onnx[K, N]` (float32, C order)."""
+    a = np.ascontiguousarray(w_onnx, dtype=np.float32)
+    return hashlib.sha1(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def specialise(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """The model with every graph input given the static shape in `shapes` and shape
+    arithmetic folded to constants (what Relax's importer needs to see static shapes)."""
+    graph = gs.import_onnx(proto)
+    for t in graph.inputs:
+        if t.name not in shapes:
+            raise UsageError(f"no static shape given for model input {t.name!r}")
+        t.shape = list(shapes[t.name])
+    graph.cleanup()
+    inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph))
+    graph = gs.import_onnx(inferred)
+    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def import_bucket(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> relax.Function:
+    """The Relax function for one static-shape bucket of the model."""
+    mod = from_onnx(specialise(proto, shapes), keep_params_in_input=False)
+    return mod["main"]
+
+
+@relax.expr_functor.mutator
+class _SwapLinear(relax.PyExprMutator):
+    """Replace `matmul(x, const W)` by `call_tir(kernel, x2d, *packed)` where `choose` gives a kernel."""
+
+    def __init__(self, mod: tvm.IRModule, choose: Callable[[str, int], Any], keys: set[str]):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.choose = choose
+        self.keys = keys
+        self.replaced: list[tuple[str, int, str]] = []
+        self._gvars: dict[str, Any] = {}
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if call.op != MATMUL or len(call.args) != 2:
+            return call
+        w = call.args[1]
+        if not isinstance(w, tvm.ir.expr.GenericConst):
+            return call
+        value = w.value.numpy()
+        if value.ndim != 2 or value.dtype != np.float32:
+            return call
+        key = weight_key(value)
+        if key not in self.keys:
+            return call
+        x = call.args[0]
+        x_shape = [int(d) for d in x.ty.shape]
+        k, n = value.shape
+        m = int(np.prod(x_shape[:-1]))
+        kernel = self.choose(key, m)
+        if kernel is None:
+            return call
+        symbol = kernel.symbol
+        if symbol not in self._gvars:
+            self._gvars[symbol] = self.builder_.add_func(kernel.prim_func, symbol)
+        x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(x_shape) != 2 else x
+        consts = [relax.const(np.ascontiguousarray(a)) for a in kernel.weights.values()]
+        y = self.builder_.emit(
+            relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], "float32"))
+        )
+        self.replaced.append((key, m, kernel.format))
+        return relax.op.reshape(y, [*x_shape[:-1], n]) if len(x_shape) != 2 else y
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+def build_module(
+    proto: onnx.ModelProto,
+    buckets: dict[str, dict[str, list[int]]],
+    choose: Callable[[str, int], Any],
+    keys: set[str],
+    target: Any,
+) -> tuple[Any, list[tuple[str, int, str]]]:
+    """Compile one function `main_<tag>` per bucket; returns the executable and the swaps made.
+
+    `choose(key, M)` returns the `CPUKernel` for the weight with content `key` at M rows
+    (or None to leave the matmul to TVM's default lowering).
+    """
+    mod = tvm.IRModule()
+    for tag, shapes in buckets.items():
+        func = import_bucket(proto, shapes).with_attr("global_symbol", f"main_{tag}")
+        mod[f"main_{tag}"] = func
+    mod = relax.transform.FoldConstant()(mod)
+    swapper = _SwapLinear(mod, choose, keys)
+    mod = swapper.run()
+    with target:
+        executable = tvm.compile(mod, target=target)
+    return executable, swapper.replaced
