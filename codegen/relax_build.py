@@ -60,13 +60,14 @@ def import_bucket(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> relax
 class _SwapLinear(relax.PyExprMutator):
     """Replace `matmul(x, const W)` by `call_tir(kernel, x2d, *packed)` where `choose` gives a kernel."""
 
-    def __init__(self, mod: tvm.IRModule, choose: Callable[[str, int], Any], keys: set[str]):
+    def __init__(self, mod: tvm.IRModule, choose: Callable[[str, int, str], Any], keys: set[str]):
         super().__init__(mod)
         self.mod_ = mod
         self.choose = choose
         self.keys = keys
         self.replaced: list[tuple[str, int, str]] = []
         self._gvars: dict[str, Any] = {}
+        self._tag = ""
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -85,7 +86,7 @@ class _SwapLinear(relax.PyExprMutator):
         x_shape = [int(d) for d in x.ty.shape]
         k, n = value.shape
         m = int(np.prod(x_shape[:-1]))
-        kernel = self.choose(key, m)
+        kernel = self.choose(key, m, self._tag)
         if kernel is None:
             return call
         symbol = kernel.symbol
@@ -102,6 +103,7 @@ class _SwapLinear(relax.PyExprMutator):
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
+                self._tag = gv.name_hint.removeprefix("main_")
                 self.builder_.update_func(gv, self.visit_expr(func))
         return self.builder_.get()
 
@@ -109,14 +111,14 @@ class _SwapLinear(relax.PyExprMutator):
 def build_module(
     proto: onnx.ModelProto,
     buckets: dict[str, dict[str, list[int]]],
-    choose: Callable[[str, int], Any],
+    choose: Callable[[str, int, str], Any],
     keys: set[str],
     target: Any,
 ) -> tuple[Any, list[tuple[str, int, str]]]:
     """Compile one function `main_<tag>` per bucket; returns the executable and the swaps made.
 
-    `choose(key, M)` returns the `CPUKernel` for the weight with content `key` at M rows
-    (or None to leave the matmul to TVM's default lowering).
+    `choose(key, M, tag)` returns the `CPUKernel` for the weight with content `key` at M
+    rows in bucket `tag` (or None to leave the matmul to TVM's default lowering).
     """
     mod = tvm.IRModule()
     for tag, shapes in buckets.items():

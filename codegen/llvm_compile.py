@@ -1,0 +1,217 @@
+"""Compile a portable ONNX model for the host CPU: `OUT/module.so` + `OUT/manifest.json`.
+
+One function per static-shape bucket (`--batch-sizes`, `--seq-len`); every linear op with a
+float32 constant weight runs the kernel that measured dispatch chose for its M (sparse or
+dense packed), everything else TVM's default lowering. The compiled model is then timed
+against the same model compiled with dense kernels only; a bucket where the dense build is
+faster ships dense, so a compiled model is never slower than its dense compilation. Both
+are also compared with onnxruntime on the original model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from sparsegraph.errors import UsageError
+from sparsegraph.feeds import random_feeds
+from sparsegraph.model import Model
+from sparsegraph.pass_manager import PassContext
+from sparsegraph.passes.analysis.roles import Roles
+from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps
+
+MODULE = "module.so"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+#: a compiled bucket may be at most this much slower than its dense build before dense ships instead
+NOISE = 1.02
+
+
+def buckets_for(model: Model, batch_sizes: list[int], seq_len: int = 1) -> dict[str, dict[str, list[int]]]:
+    """Static input shapes per batch size: axis 0 symbolic dims = batch, other symbolic dims = seq_len."""
+    out = {}
+    for b in batch_sizes:
+        shapes = {}
+        for t in model.graph.inputs:
+            if isinstance(t, gs.Constant):
+                continue
+            dims = list(t.shape or [])
+            shapes[t.name] = [d if isinstance(d, int) and d >= 0 else (b if i == 0 else seq_len)
+                              for i, d in enumerate(dims)]  # fmt: skip
+        out[f"b{b}_s{seq_len}"] = shapes
+    return out
+
+
+def compile_llvm(
+    portable: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_sizes: list[int] = (1,),
+    seq_len: int = 1,
+    reference: str | Path | None = None,
+    target: Any = None,
+    tune_trials: int = 2,
+    db_path: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build `out_dir/module.so` and `manifest.json` for `portable`; returns the manifest.
+
+    `reference` is the original model, timed in onnxruntime for the comparison.
+    """
+    from . import relax_build
+    from .dispatch import Dispatcher, TuningDB, llc_bytes
+    from .target import host_target
+
+    start = time.perf_counter()
+    portable, out_dir = Path(portable), Path(out_dir)
+    model = Model.load(portable)
+    target = target or host_target()
+    ctx = PassContext(seed)
+    roles = ctx.get(Roles, model)
+    weights: dict[str, tuple[str, np.ndarray]] = {}
+    for op in ctx.get(SparsifiableOps, model).linear:
+        w = op.weight.matrix()
+        if op.op_type in ("MatMul", "Gemm") and w.dtype == np.float32:
+            weights[relax_build.weight_key(np.ascontiguousarray(w.T))] = (op.name, np.ascontiguousarray(w))
+    if not weights:
+        raise UsageError(f"{portable}: no MatMul/Gemm with a float32 constant weight to compile")
+    cold = sum(w.nbytes for _, w in weights.values()) > llc_bytes()
+    db = TuningDB(db_path)
+    buckets = buckets_for(model, list(batch_sizes), seq_len)
+    proto = onnx.load(str(portable))
+
+    def build(dispatcher: Dispatcher, dense_tags: frozenset[str] = frozenset()):
+        def choose(key: str, m: int, tag: str):
+            name, w = weights[key]
+            return dense_kernels.kernel(name, w, m) if tag in dense_tags else dispatcher.kernel(name, w, m)
+
+        return relax_build.build_module(proto, buckets, choose, set(weights), target)
+
+    chosen = Dispatcher(target, db, cold, tune_trials)
+    dense_kernels = Dispatcher(target, db, cold, force="dense")
+    executable, swaps = build(chosen)
+    sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
+    feeds = {tag: random_feeds(model, seed, sizes=_dim_sizes(model, shapes)) for tag, shapes in buckets.items()}
+    timing = {tag: {"compiled": _time_vm(executable, f"main_{tag}", f)} for tag, f in feeds.items()}
+    slower: frozenset[str] = frozenset(buckets)  # buckets that ship dense kernels only
+    if sparse_used:
+        dense_exec, _ = build(dense_kernels, frozenset(buckets))
+        for tag, f in feeds.items():
+            timing[tag]["dense_compiled"] = _time_vm(dense_exec, f"main_{tag}", f)
+        slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
+        if slower:  # those buckets ship their dense build
+            executable, swaps = build(chosen, slower)
+            for tag in slower:
+                timing[tag]["compiled"] = timing[tag]["dense_compiled"]
+    for tag in buckets:
+        timing[tag]["shipped"] = "dense" if tag in slower else "dispatched"
+    if reference is not None:
+        ref_model = Model.load(reference)
+        for tag, f in feeds.items():
+            timing[tag]["onnxruntime"] = _time_ort(Path(reference), _feeds_for(ref_model, f))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sparsegraph-", dir=out_dir))
+    try:
+        executable.export_library(str(tmp / MODULE))
+        os.replace(tmp / MODULE, out_dir / MODULE)
+    finally:
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    db.save()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "target": str(target),
+        "inputs": [{"name": t.name, "dtype": str(np.dtype(t.dtype))} for t in model.graph.inputs],
+        "outputs": [t.name for t in model.graph.outputs],
+        "buckets": [{"tag": tag, "function": f"main_{tag}", "shapes": shapes} for tag, shapes in buckets.items()],
+        "cache_regime": "cold" if cold else "hot",
+        "ops": _op_decisions(weights, roles, chosen),
+        "timing_seconds": timing,
+        "kernels_swapped": len(swaps),
+        "compile_seconds": round(time.perf_counter() - start, 2),
+        "tuning_db": {"path": str(db.path), "hits": db.hits},
+        "hashes": {MODULE: _sha256(out_dir / MODULE), portable.name: _sha256(portable)},
+        "portable": portable.name,
+    }
+    _write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _dim_sizes(model: Model, shapes: dict[str, list[int]]) -> dict[str, int]:
+    sizes = {}
+    for t in model.graph.inputs:
+        for d, v in zip(t.shape or [], shapes.get(t.name, []), strict=False):
+            if not isinstance(d, int) and d:
+                sizes[str(d)] = v
+    return sizes
+
+
+def _feeds_for(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {t.name for t in model.graph.inputs}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def _time_vm(executable, function: str, feeds: dict[str, np.ndarray], repeat: int = 10) -> float:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(v, tvm.cpu()) for v in feeds.values()]
+    fn = vm[function]
+    fn(*args)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+def _time_ort(path: Path, feeds: dict[str, np.ndarray], repeat: int = 10) -> float:
+    from sparsegraph.validate import session
+
+    sess = session(path)
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+def _op_decisions(weights, roles, dispatcher) -> list[dict[str, Any]]:
+    by_name = {name: w for name, w in weights.values()}
+    rows = []
+    for name, w in by_name.items():
+        role = roles.get(name)
+        per_m = {str(m): d.to_dict() for (op, m), d in sorted(dispatcher.decisions.items()) if op == name}
+        rows.append({"op": name, "role": role.role if role else None, "layer": role.layer if role else None,
+                     "shape": list(w.shape), "sparsity": float(1 - np.count_nonzero(w) / w.size),
+                     "decisions": per_m})  # fmt: skip
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
