@@ -200,7 +200,9 @@ class Dispatcher:
         stored = self.db.get(db_key)
         if stored is not None:
             cand = Candidate(stored["format"], _params(stored["params"]), stored["schedule"])
-            decision = Decision(**{k: v for k, v in stored["decision"].items() if k != "from_db"}, from_db=True)
+            decision = Decision(
+                **{k: v for k, v in stored["decision"].items() if k != "from_db"}, from_db=True
+            )
             return build(w, cand, m, self.target), decision
         timings: dict[str, float] = {}
         best: tuple[float, Candidate, cpu_kernels.CPUKernel] | None = None
@@ -216,8 +218,15 @@ class Dispatcher:
         assert best is not None
         dense = min(v for k, v in timings.items() if k.startswith("dense"))
         decision = Decision(best[1].format, best[1].label, best[0], dense, timings, self.cold)
-        self.db.put(db_key, {"format": best[1].format, "params": best[1].params, "schedule": best[1].schedule,
-                             "decision": decision.to_dict()})  # fmt: skip
+        self.db.put(
+            db_key,
+            {
+                "format": best[1].format,
+                "params": best[1].params,
+                "schedule": best[1].schedule,
+                "decision": decision.to_dict(),
+            },
+        )
         return best[2], decision
 
     def _expand(self, cands: list[Candidate]) -> list[Candidate]:

@@ -46,8 +46,9 @@ def buckets_for(model: Model, batch_sizes: list[int], seq_len: int = 1) -> dict[
             if isinstance(t, gs.Constant):
                 continue
             dims = list(t.shape or [])
-            shapes[t.name] = [d if isinstance(d, int) and d >= 0 else (b if i == 0 else seq_len)
-                              for i, d in enumerate(dims)]  # fmt: skip
+            shapes[t.name] = [
+                d if isinstance(d, int) and d >= 0 else (b if i == 0 else seq_len) for i, d in enumerate(dims)
+            ]
         out[f"b{b}_s{seq_len}"] = shapes
     return out
 
@@ -101,7 +102,9 @@ def compile_llvm(
     dense_kernels = Dispatcher(target, db, cold, force="dense")
     executable, swaps = build(chosen)
     sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
-    feeds = {tag: random_feeds(model, seed, sizes=_dim_sizes(model, shapes)) for tag, shapes in buckets.items()}
+    feeds = {
+        tag: random_feeds(model, seed, sizes=_dim_sizes(model, shapes)) for tag, shapes in buckets.items()
+    }
     timing = {tag: {"compiled": _time_vm(executable, f"main_{tag}", f)} for tag, f in feeds.items()}
     slower: frozenset[str] = frozenset(buckets)  # buckets that ship dense kernels only
     if sparse_used:
@@ -134,7 +137,9 @@ def compile_llvm(
         "target": str(target),
         "inputs": [{"name": t.name, "dtype": str(np.dtype(t.dtype))} for t in model.graph.inputs],
         "outputs": [t.name for t in model.graph.outputs],
-        "buckets": [{"tag": tag, "function": f"main_{tag}", "shapes": shapes} for tag, shapes in buckets.items()],
+        "buckets": [
+            {"tag": tag, "function": f"main_{tag}", "shapes": shapes} for tag, shapes in buckets.items()
+        ],
         "cache_regime": "cold" if cold else "hot",
         "ops": _op_decisions(weights, roles, chosen),
         "timing_seconds": timing,
@@ -197,9 +202,16 @@ def _op_decisions(weights, roles, dispatcher) -> list[dict[str, Any]]:
     for name, w in by_name.items():
         role = roles.get(name)
         per_m = {str(m): d.to_dict() for (op, m), d in sorted(dispatcher.decisions.items()) if op == name}
-        rows.append({"op": name, "role": role.role if role else None, "layer": role.layer if role else None,
-                     "shape": list(w.shape), "sparsity": float(1 - np.count_nonzero(w) / w.size),
-                     "decisions": per_m})  # fmt: skip
+        rows.append(
+            {
+                "op": name,
+                "role": role.role if role else None,
+                "layer": role.layer if role else None,
+                "shape": list(w.shape),
+                "sparsity": float(1 - np.count_nonzero(w) / w.size),
+                "decisions": per_m,
+            }
+        )
     return rows
 
 
