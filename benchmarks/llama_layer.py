@@ -114,9 +114,9 @@ def main() -> None:
         "decode_step_ms": {
             "onnxruntime_dense": t_ort * 1e3,
             "compiled_sparse": t_compiled * 1e3,
-            "compiled_dense (compile-time measurement)": timing.get("dense_compiled", float("nan")) * 1e3,
-            "onnxruntime_dense (compile-time measurement)": timing["onnxruntime"] * 1e3,
+            "compiled_dense": t_dense * 1e3,
         },
+        "compile_time_check_ms": {k: v * 1e3 for k, v in timing.items() if isinstance(v, float)},
         "speedup_vs_onnxruntime": t_ort / t_compiled,
         "compile_seconds": {"cold": cold, "warm": warm},
         "max_rel_error_vs_portable": rel,
