@@ -31,6 +31,7 @@ from sparsegraph.passes.analysis.roles import Roles
 from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps
 
 MODULE = "module.so"
+PARAMS = "params.npz"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 #: a compiled bucket may be at most this much slower than its dense build before dense ships instead
@@ -100,20 +101,24 @@ def compile_llvm(
 
     chosen = Dispatcher(target, db, cold, tune_trials)
     dense_kernels = Dispatcher(target, db, cold, force="dense")
-    executable, swaps = build(chosen)
+    executable, swaps, params, param_names = build(chosen)
     sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
     feeds = {
         tag: random_feeds(model, seed, sizes=_dim_sizes(model, shapes)) for tag, shapes in buckets.items()
     }
-    timing = {tag: {"compiled": _time_vm(executable, f"main_{tag}", f)} for tag, f in feeds.items()}
+    timing = {
+        tag: {"compiled": _time_vm(executable, f"main_{tag}", f, params, param_names)}
+        for tag, f in feeds.items()
+    }
     slower: frozenset[str] = frozenset(buckets)  # buckets that ship dense kernels only
     if sparse_used:
-        dense_exec, _ = build(dense_kernels, frozenset(buckets))
+        dense_exec, _, dense_params, dense_names = build(dense_kernels, frozenset(buckets))
         for tag, f in feeds.items():
-            timing[tag]["dense_compiled"] = _time_vm(dense_exec, f"main_{tag}", f)
+            timing[tag]["dense_compiled"] = _time_vm(dense_exec, f"main_{tag}", f, dense_params, dense_names)
+        del dense_exec, dense_params
         slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
         if slower:  # those buckets ship their dense build
-            executable, swaps = build(chosen, slower)
+            executable, swaps, params, param_names = build(chosen, slower)
             for tag in slower:
                 timing[tag]["compiled"] = timing[tag]["dense_compiled"]
     for tag in buckets:
@@ -126,6 +131,8 @@ def compile_llvm(
     tmp = Path(tempfile.mkdtemp(prefix=".sparsegraph-", dir=out_dir))
     try:
         executable.export_library(str(tmp / MODULE))
+        np.savez(tmp / PARAMS, **params)
+        os.replace(tmp / PARAMS, out_dir / PARAMS)
         os.replace(tmp / MODULE, out_dir / MODULE)
     finally:
         for p in tmp.iterdir():
@@ -138,7 +145,8 @@ def compile_llvm(
         "inputs": [{"name": t.name, "dtype": str(np.dtype(t.dtype))} for t in model.graph.inputs],
         "outputs": [t.name for t in model.graph.outputs],
         "buckets": [
-            {"tag": tag, "function": f"main_{tag}", "shapes": shapes} for tag, shapes in buckets.items()
+            {"tag": tag, "function": f"main_{tag}", "shapes": shapes, "params": param_names[f"main_{tag}"]}
+            for tag, shapes in buckets.items()
         ],
         "cache_regime": "cold" if cold else "hot",
         "ops": _op_decisions(weights, roles, chosen),
@@ -146,7 +154,8 @@ def compile_llvm(
         "kernels_swapped": len(swaps),
         "compile_seconds": round(time.perf_counter() - start, 2),
         "tuning_db": {"path": str(db.path), "hits": db.hits},
-        "hashes": {MODULE: _sha256(out_dir / MODULE), portable.name: _sha256(portable)},
+        "hashes": {name: _sha256(out_dir / name) for name in (MODULE, PARAMS)}
+        | {portable.name: _sha256(portable)},
         "portable": portable.name,
     }
     _write_json(out_dir / MANIFEST, manifest)
@@ -167,12 +176,13 @@ def _feeds_for(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return {k: v for k, v in feeds.items() if k in names}
 
 
-def _time_vm(executable, function: str, feeds: dict[str, np.ndarray], repeat: int = 10) -> float:
+def _time_vm(executable, function, feeds, params, param_names, repeat: int = 10) -> float:
     import tvm
     from tvm import relax
 
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(v, tvm.cpu()) for v in feeds.values()]
+    args += [tvm.runtime.tensor(params[n], tvm.cpu()) for n in param_names[function]]
     fn = vm[function]
     fn(*args)
     times = []

@@ -108,17 +108,66 @@ class _SwapLinear(relax.PyExprMutator):
         return self.builder_.get()
 
 
+@relax.expr_functor.mutator
+class _LiftConstants(relax.PyExprMutator):
+    """Turn every constant of at least `min_bytes` into a function parameter, so weights live
+    in a params file beside the module instead of inside it (a 7B layer would not export)."""
+
+    def __init__(self, mod: tvm.IRModule, min_bytes: int = 1024):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.min_bytes = min_bytes
+        self.params: dict[str, np.ndarray] = {}  # content-deduplicated, shared by all functions
+        self.param_names: dict[str, list[str]] = {}  # function name -> names of its extra params
+        self._vars: dict[str, Any] = {}
+
+    def visit_generic_const_(self, const):
+        value = const.value.numpy()
+        if value.nbytes < self.min_bytes:
+            return const
+        name = (
+            "p"
+            + hashlib.sha1(
+                value.dtype.str.encode() + repr(value.shape).encode() + value.tobytes()
+            ).hexdigest()[:20]
+        )
+        self.params.setdefault(name, value)
+        if name not in self._vars:
+            self._vars[name] = relax.Var(name, const.ty)
+        return self._vars[name]
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            self._vars = {}
+            body = self.visit_expr(func.body)
+            names = list(self._vars)
+            self.param_names[gv.name_hint] = names
+            new = relax.Function(
+                list(func.params) + [self._vars[n] for n in names],
+                body,
+                func.ret_ty,
+                func.is_pure,
+                func.attrs,
+            ).with_attr("num_input", len(func.params))
+            self.builder_.update_func(gv, new)
+        return self.builder_.get()
+
+
 def build_module(
     proto: onnx.ModelProto,
     buckets: dict[str, dict[str, list[int]]],
     choose: Callable[[str, int, str], Any],
     keys: set[str],
     target: Any,
-) -> tuple[Any, list[tuple[str, int, str]]]:
-    """Compile one function `main_<tag>` per bucket; returns the executable and the swaps made.
+) -> tuple[Any, list[tuple[str, int, str]], dict[str, np.ndarray], dict[str, list[str]]]:
+    """Compile one function `main_<tag>` per bucket.
 
     `choose(key, M, tag)` returns the `CPUKernel` for the weight with content `key` at M
-    rows in bucket `tag` (or None to leave the matmul to TVM's default lowering).
+    rows in bucket `tag` (or None to leave the matmul to TVM's default lowering). Returns
+    the executable, the swaps made, the lifted weights (name -> array) and, per function,
+    the names of the weights it takes after the model inputs.
     """
     mod = tvm.IRModule()
     for tag, shapes in buckets.items():
@@ -127,6 +176,8 @@ def build_module(
     mod = relax.transform.FoldConstant()(mod)
     swapper = _SwapLinear(mod, choose, keys)
     mod = swapper.run()
+    lifter = _LiftConstants(mod)
+    mod = lifter.run()
     with target:
         executable = tvm.compile(mod, target=target)
-    return executable, swapper.replaced
+    return executable, swapper.replaced, lifter.params, lifter.param_names

@@ -1,4 +1,4 @@
-"""`Session`: run a compiled model folder (`module.so` + `manifest.json`) like onnxruntime.
+"""`Session`: run a compiled model folder (`module.so`, `params.npz`, `manifest.json`) like onnxruntime.
 
     sess = sparsegraph.runtime.Session("out/")
     logits, = sess.run(["logits"], {"tokens": ids})
@@ -22,14 +22,17 @@ from .errors import UsageError
 
 MODULE = "module.so"
 MANIFEST = "manifest.json"
+PARAMS = "params.npz"
 
 
 class Session:
     def __init__(self, folder: str | Path, device: str = "cpu"):
         folder = Path(folder)
         manifest_path = folder / MANIFEST
-        if not manifest_path.is_file() or not (folder / MODULE).is_file():
-            raise UsageError(f"{folder}: not a compiled model folder (needs {MODULE} and {MANIFEST})")
+        if not all((folder / f).is_file() for f in (MANIFEST, MODULE, PARAMS)):
+            raise UsageError(
+                f"{folder}: not a compiled model folder (needs {MODULE}, {PARAMS} and {MANIFEST})"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if device != "cpu":
             raise UsageError(f"device {device!r} is not supported by this module (compiled for cpu)")
@@ -38,8 +41,10 @@ class Session:
 
         self._tvm = tvm
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / MODULE)), tvm.cpu())
+        with np.load(folder / PARAMS) as stored:  # weights, loaded once, shared by all buckets
+            self._params = {name: tvm.runtime.tensor(stored[name], tvm.cpu()) for name in stored.files}
         self._buckets = {
-            tuple(tuple(b["shapes"][i["name"]]) for i in self.manifest["inputs"]): b["function"]
+            tuple(tuple(b["shapes"][i["name"]]) for i in self.manifest["inputs"]): b
             for b in self.manifest["buckets"]
         }
         self._portable = folder / self.manifest.get("portable", "portable.onnx")
@@ -60,14 +65,19 @@ class Session:
         wanted = list(output_names) if output_names else self.get_outputs()
         unknown = [n for n in wanted if n not in self.get_outputs()]
         if unknown:
-            raise UsageError(f"unknown output(s) {', '.join(unknown)} (model outputs: {', '.join(self.get_outputs())})")
+            raise UsageError(
+                f"unknown output(s) {', '.join(unknown)} (model outputs: {', '.join(self.get_outputs())})"
+            )
         dtypes = {i["name"]: i["dtype"] for i in self.manifest["inputs"]}
         arrays = [np.ascontiguousarray(np.asarray(feeds[n]), dtype=dtypes[n]) for n in names]
-        function = self._buckets.get(tuple(a.shape for a in arrays))
-        if function is None:
+        bucket = self._buckets.get(tuple(a.shape for a in arrays))
+        if bucket is None:
             return self._fallback(wanted, dict(zip(names, arrays, strict=True)))
         dev = self._tvm.cpu()
-        result = self._vm[function](*[self._tvm.runtime.tensor(a, dev) for a in arrays])
+        args = [self._tvm.runtime.tensor(a, dev) for a in arrays] + [
+            self._params[p] for p in bucket["params"]
+        ]
+        result = self._vm[bucket["function"]](*args)
         outputs = [result] if hasattr(result, "numpy") else list(result)
         by_name = dict(zip(self.get_outputs(), (o.numpy() for o in outputs), strict=True))
         return [by_name[n] for n in wanted]
