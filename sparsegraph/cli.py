@@ -83,6 +83,18 @@ def compile(
     validate: bool = typer.Option(
         True, help="Check the result with onnx.checker and compare outputs in onnxruntime."
     ),
+    calib: Path | None = typer.Option(
+        None,
+        help="Calibration data for passes that need it (wanda, sparsegpt): an .npz of model inputs "
+        "(first axis = samples) or a text file (needs --tokenizer).",
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, help="llama2.c tokenizer (.bin) to encode a text --calib file."
+    ),
+    calib_samples: int = typer.Option(
+        128, help="Calibration samples: random text windows, or the first N samples of an .npz."
+    ),
+    seqlen: int = typer.Option(128, help="Tokens per calibration window of a text --calib file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ):
     """Run a recipe on MODEL and write OUTPUT/portable.onnx (standard ONNX ops, runs in stock
@@ -90,10 +102,17 @@ def compile(
 
     Example: sparsegraph compile examples/stories260K/stories260K.onnx
     --recipe examples/recipes/magnitude50.yaml -o out/stories260K
+
+    Calibrated: sparsegraph compile examples/stories260K/stories260K.onnx
+    --recipe examples/recipes/wanda50.yaml --calib examples/data/tinystories_valid.txt
+    --tokenizer examples/stories260K/tok512.bin -o out/wanda50
     """
     from .compile import compile_model
+    from .errors import UsageError
     from .recipe import Recipe
 
+    if calib_samples < 1 or seqlen < 1:
+        raise UsageError(f"--calib-samples and --seqlen must be >= 1 (got {calib_samples}, {seqlen})")
     steps = Recipe.load(recipe)
     with Progress(
         TextColumn("{task.description}"),
@@ -110,7 +129,17 @@ def compile(
             progress.update(task, completed=i, description=f"pass {p.name}")
 
         result = compile_model(
-            model, steps, output, seed=seed, feeds=feeds, validate=validate, on_pass=on_pass
+            model,
+            steps,
+            output,
+            seed=seed,
+            feeds=feeds,
+            validate=validate,
+            on_pass=on_pass,
+            calib=calib,
+            tokenizer=tokenizer,
+            calib_samples=calib_samples,
+            seqlen=seqlen,
         )
         progress.update(task, completed=len(steps.steps))
     if quiet:
@@ -129,6 +158,9 @@ def compile(
         f"{t['bytes_best_after'] / 1e6:.3f}",
     )
     out.print(table)
+    if "calibration" in result.report:
+        c = result.report["calibration"]
+        out.print(f"calibration: {c['source']}, {c['collections']} statistics run(s), {c['seconds']:.1f} s")
     for d in result.report["validation"]["outputs"] or []:
         out.print(f"output {d['name']}: max rel diff {d['max_rel']:.3g}, cosine {d['cosine']:.5f}")
     for p in result.report["passes"]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import report as reporting
+from .calibration import load_calibration, missing_calibration
 from .errors import UsageError, ValidationError
 from .feeds import feed_candidates, load_feeds
 from .model import Model
@@ -75,17 +76,36 @@ def compile_model(
     feeds: str | Path | dict[str, np.ndarray] | None = None,
     validate: bool = True,
     on_pass: Callable[[int, Pass], None] | None = None,
+    calib: Any = None,
+    tokenizer: Any = None,
+    calib_samples: int = 128,
+    seqlen: int = 128,
 ) -> CompileResult:
     """Apply `recipe` to the ONNX file `model`; write `portable.onnx`, `report.json`,
-    `report.md` into `out_dir`. Returns the paths and the report dict."""
+    `report.md` into `out_dir`. Returns the paths and the report dict.
+
+    `calib` is calibration data for passes that need it (`wanda`, `sparsegpt`): a
+    `Calibration`, an `.npz` of model inputs (first axis = samples; at most
+    `calib_samples` are used), a text file (with `tokenizer`: `calib_samples` seeded
+    windows of `seqlen` tokens), or an iterable of feed dicts; see `sparsegraph.calibration`."""
     model_path, out_dir = Path(model), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: output path exists and is not a folder")
     recipe = Recipe.load(recipe)  # a bad recipe fails before any work
+    needs = [p.name for p in recipe.steps if getattr(p, "needs_calibration", False)]
+    if needs and calib is None:
+        raise missing_calibration(needs[0])
     m = Model.load(model_path)
     start = time.perf_counter()
+    ctx = PassContext(seed)
+    calibration = None
+    if calib is not None:
+        calibration = load_calibration(
+            calib, m, tokenizer=tokenizer, samples=calib_samples, seqlen=seqlen, seed=seed
+        )
+        ctx.extras["calibration"] = calibration
     before = op_summary(m)
-    ctx = PassManager(recipe.steps, seed=seed, progress=on_pass).run(m)
+    ctx = PassManager(recipe.steps, seed=seed, progress=on_pass).run(m, ctx)
     after = op_summary(m)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sparsegraph-", dir=out_dir.parent))
@@ -112,7 +132,10 @@ def compile_model(
             diffs=diffs,
             files=files,
             feeds=feed_desc,
-            extra={"seconds": round(time.perf_counter() - start, 3)},
+            extra={
+                "seconds": round(time.perf_counter() - start, 3),
+                **({"calibration": calibration.summary()} if calibration is not None else {}),
+            },
         )
         reporting.write(rep, staging)
         out_dir.mkdir(parents=True, exist_ok=True)

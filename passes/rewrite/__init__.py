@@ -1,3 +1,3 @@
 """Rewrite passes (mutate the model), one module per technique."""
 
-from . import block, lowrank, magnitude, nm, topk  # noqa: F401  (register the passes)
+from . import block, lowrank, magnitude, nm, sparsegpt, topk, wanda  # noqa: F401  (register the passes)
