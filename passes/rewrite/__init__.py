@@ -1,3 +1,4 @@
 """Rewrite passes (mutate the model), one module per technique."""
 
 from . import block, lowrank, magnitude, nm, sparsegpt, topk, wanda  # noqa: F401  (register the passes)
+from .structured import PruneHeads, PruneLayers, PruneNeurons  # noqa: F401  (structured pruning)
