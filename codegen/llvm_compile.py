@@ -103,9 +103,7 @@ def compile_llvm(
     dense_kernels = Dispatcher(target, db, cold, force="dense")
     executable, swaps, params, param_names = build(chosen)
     sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
-    feeds = {
-        tag: random_feeds(model, seed, sizes=_dim_sizes(model, shapes)) for tag, shapes in buckets.items()
-    }
+    feeds = {tag: bucket_feeds(model, shapes, seed) for tag, shapes in buckets.items()}
     timing = {
         tag: {"compiled": _time_vm(executable, f"main_{tag}", f, params, param_names)}
         for tag, f in feeds.items()
@@ -162,13 +160,14 @@ def compile_llvm(
     return manifest
 
 
-def _dim_sizes(model: Model, shapes: dict[str, list[int]]) -> dict[str, int]:
+def bucket_feeds(model: Model, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random valid inputs (see `sparsegraph.feeds`) with a bucket's static shapes."""
     sizes = {}
     for t in model.graph.inputs:
         for d, v in zip(t.shape or [], shapes.get(t.name, []), strict=False):
             if not isinstance(d, int) and d:
                 sizes[str(d)] = v
-    return sizes
+    return random_feeds(model, seed, sizes=sizes)
 
 
 def _feeds_for(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -95,6 +95,20 @@ def compile(
         128, help="Calibration samples: random text windows, or the first N samples of an .npz."
     ),
     seqlen: int = typer.Option(128, help="Tokens per calibration window of a text --calib file."),
+    target: str | None = typer.Option(
+        None,
+        help="Also compile for a target (llvm = this CPU): module.so, params.npz, manifest.json.",
+    ),
+    batch_sizes: str = typer.Option(
+        "1", help="With --target: compile one function per batch size (axis-0 symbolic dims), e.g. 1,8,64."
+    ),
+    seq_len: int = typer.Option(
+        1, help="With --target: size of the other symbolic dims (1 = one decode step)."
+    ),
+    tune_trials: int = typer.Option(2, help="With --target: schedules timed per kernel format."),
+    tuning_db: Path | None = typer.Option(
+        None, help="With --target: tuning database file (default ~/.cache/sparsegraph/tuning.json)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ):
     """Run a recipe on MODEL and write OUTPUT/portable.onnx (standard ONNX ops, runs in stock
@@ -106,6 +120,8 @@ def compile(
     Calibrated: sparsegraph compile examples/stories260K/stories260K.onnx
     --recipe examples/recipes/wanda50.yaml --calib examples/data/tinystories_valid.txt
     --tokenizer examples/stories260K/tok512.bin -o out/wanda50
+
+    Compiled for this CPU: add --target llvm --batch-sizes 1,8 (then: sparsegraph bench OUTPUT)
     """
     from .compile import compile_model
     from .errors import UsageError
@@ -113,6 +129,7 @@ def compile(
 
     if calib_samples < 1 or seqlen < 1:
         raise UsageError(f"--calib-samples and --seqlen must be >= 1 (got {calib_samples}, {seqlen})")
+    sizes = _int_list(batch_sizes, "--batch-sizes")
     steps = Recipe.load(recipe)
     with Progress(
         TextColumn("{task.description}"),
@@ -140,6 +157,11 @@ def compile(
             tokenizer=tokenizer,
             calib_samples=calib_samples,
             seqlen=seqlen,
+            target=target,
+            batch_sizes=tuple(sizes),
+            seq_len=seq_len,
+            tune_trials=tune_trials,
+            tuning_db=tuning_db,
         )
         progress.update(task, completed=len(steps.steps))
     if quiet:
@@ -166,7 +188,26 @@ def compile(
     for p in result.report["passes"]:
         for w in p["warnings"]:
             out.print(f"[yellow]warning[/yellow] ({p['pass']}): {w}")
-    out.print(f"wrote {result.portable}, {output / 'report.json'}, {output / 'report.md'}")
+    if "codegen" in result.report:
+        for tag, t in result.report["codegen"]["timing_seconds"].items():
+            ort_note = (
+                f", onnxruntime (original) {t['onnxruntime'] * 1e3:.3f} ms" if "onnxruntime" in t else ""
+            )
+            out.print(f"compiled {tag}: {t['compiled'] * 1e3:.3f} ms ({t['shipped']}){ort_note}")
+    written = [*result.report["files"], "report.json", "report.md"]
+    out.print(f"wrote {', '.join(str(output / f) for f in written)}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from .errors import UsageError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} takes positive integers, got {text!r}")
+    return values
 
 
 @app.command()
@@ -246,6 +287,31 @@ def passes():
 def _type_name(annotation) -> str:
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "")
+
+
+@app.command()
+@friendly_errors
+def bench(
+    folder: Path = typer.Argument(..., help="Output folder of `sparsegraph compile ... --target llvm`."),
+    repeat: int = typer.Option(30, help="Timed runs per bucket (alternating compiled / onnxruntime)."),
+    original: Path | None = typer.Option(
+        None, help="Original model (default: the one named in report.json)."
+    ),
+):
+    """Time the compiled model against onnxruntime on the original model, in the same run;
+    writes FOLDER/bench.md, bench.json and bench.png."""
+    from .bench import bench as run_bench
+
+    result = run_bench(folder, repeat, original)
+    table = Table(title=f"compiled vs onnxruntime ({Path(result['model']).name})")
+    for col in ("bucket", "onnxruntime ms", "compiled ms", "speedup"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            r["bucket"], f"{r['onnxruntime_ms']:.3f}", f"{r['compiled_ms']:.3f}", f"{r['speedup']:.2f}x"
+        )
+    out.print(table)
+    out.print(f"wrote {folder / 'bench.md'}, {folder / 'bench.json'}, {folder / 'bench.png'}")
 
 
 @app.command("convert-llama2c")

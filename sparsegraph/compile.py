@@ -80,6 +80,11 @@ def compile_model(
     tokenizer: Any = None,
     calib_samples: int = 128,
     seqlen: int = 128,
+    target: str | None = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    seq_len: int = 1,
+    tune_trials: int = 2,
+    tuning_db: str | Path | None = None,
 ) -> CompileResult:
     """Apply `recipe` to the ONNX file `model`; write `portable.onnx`, `report.json`,
     `report.md` into `out_dir`. Returns the paths and the report dict.
@@ -87,8 +92,16 @@ def compile_model(
     `calib` is calibration data for passes that need it (`wanda`, `sparsegpt`): a
     `Calibration`, an `.npz` of model inputs (first axis = samples; at most
     `calib_samples` are used), a text file (with `tokenizer`: `calib_samples` seeded
-    windows of `seqlen` tokens), or an iterable of feed dicts; see `sparsegraph.calibration`."""
+    windows of `seqlen` tokens), or an iterable of feed dicts; see `sparsegraph.calibration`.
+
+    With `target="llvm"` the portable model is also compiled for this CPU
+    (`sparsegraph.codegen.llvm_compile`): `module.so`, `params.npz` and `manifest.json`, one
+    static-shape function per batch size in `batch_sizes` (other symbolic dims =
+    `seq_len`), kernels chosen by measured dispatch (`tune_trials` schedules per format,
+    decisions cached in `tuning_db`); `sparse.onnx` holds the sparse weights packed."""
     model_path, out_dir = Path(model), Path(out_dir)
+    if target not in (None, "llvm"):
+        raise UsageError(f"unknown target {target!r} (supported: llvm)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: output path exists and is not a folder")
     recipe = Recipe.load(recipe)  # a bad recipe fails before any work
@@ -122,6 +135,11 @@ def compile_model(
                 feed_arrays, feed_desc = None, f"random feeds (seed {seed})"
             reference, feed_arrays = _reference_outputs(session(model_path), m, feed_arrays, seed)
             diffs = compare(reference, run(session(portable), feed_arrays))
+        codegen = None
+        if target is not None:
+            codegen = _codegen(
+                portable, staging, model_path, batch_sizes, seq_len, tune_trials, tuning_db, seed
+            )
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         rep = reporting.build(
             model=str(model_path),
@@ -135,6 +153,7 @@ def compile_model(
             extra={
                 "seconds": round(time.perf_counter() - start, 3),
                 **({"calibration": calibration.summary()} if calibration is not None else {}),
+                **({"codegen": codegen} if codegen is not None else {}),
             },
         )
         reporting.write(rep, staging)
@@ -147,6 +166,30 @@ def compile_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return CompileResult(out_dir, out_dir / PORTABLE, rep)
+
+
+def _codegen(portable, staging, original, batch_sizes, seq_len, tune_trials, tuning_db, seed) -> dict:
+    """Write sparse.onnx and the compiled module into `staging`; a summary for the report."""
+    from .codegen.llvm_compile import compile_llvm
+    from .codegen.sparse_onnx import to_sparse
+
+    packed = Model.load(portable)
+    if to_sparse(packed):
+        packed.save(staging / "sparse.onnx")
+    manifest = compile_llvm(
+        portable,
+        staging,
+        batch_sizes=list(batch_sizes),
+        seq_len=seq_len,
+        reference=original,
+        tune_trials=tune_trials,
+        db_path=tuning_db,
+        seed=seed,
+    )
+    return {
+        k: manifest[k]
+        for k in ("target", "cache_regime", "timing_seconds", "ops", "compile_seconds", "buckets")
+    }
 
 
 def _reference_outputs(sess, model: Model, feeds: dict | None, seed: int) -> tuple[dict, dict]:

@@ -183,8 +183,40 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {p['pass']} | {p['modified']} | {p['changes']} | {p['seconds']:.3f} "
             f"| {'; '.join(p['warnings']) or '–'} |"
         )
+    if "codegen" in report:
+        lines += _codegen_markdown(report["codegen"])
     lines += ["", "## Files", ""] + [f"- `{name}`: {_mb(size)}" for name, size in report["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Compiled module ({cg['target']}; weights timed {cg['cache_regime']}-cache; "
+        f"compile {cg['compile_seconds']:.1f} s)",
+        "",
+        "| bucket | compiled ms | dense-compiled ms | onnxruntime (original) ms | shipped |",
+        "|---|---|---|---|---|",
+    ]
+    for tag, t in cg["timing_seconds"].items():
+        dense = f"{t['dense_compiled'] * 1e3:.3f}" if "dense_compiled" in t else "(same: all dense)"
+        ort = f"{t['onnxruntime'] * 1e3:.3f}" if "onnxruntime" in t else "–"
+        lines.append(f"| {tag} | {t['compiled'] * 1e3:.3f} | {dense} | {ort} | {t['shipped']} |")
+    lines += [
+        "",
+        "Dispatch decisions (µs per call of each candidate kernel, measured on this machine):",
+        "",
+        "| op | role | M | chosen | chosen µs | dense µs | candidates |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for op in cg["ops"]:
+        for m, d in op["decisions"].items():
+            cands = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in d["timings"].items())
+            lines.append(
+                f"| `{op['op']}` | {op['role'] or '–'} | {m} | {d['label']} | {d['seconds'] * 1e6:.1f} "
+                f"| {d['dense_seconds'] * 1e6:.1f} | {cands}{' (from tuning DB)' if d['from_db'] else ''} |"
+            )
+    return lines
 
 
 def _mb(n: int) -> str:

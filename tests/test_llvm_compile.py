@@ -25,8 +25,9 @@ def db_path(tmp_path_factory):
 def test_compiled_stories260k_matches_onnxruntime(tmp_path, db_path, sparsity):
     recipe = {"steps": [{"pass": "magnitude", "sparsity": sparsity, "granularity": "row"}]}
     portable = sg.compile_model(STORIES, recipe, tmp_path, validate=False).portable
-    manifest = compile_llvm(portable, tmp_path, batch_sizes=[2], seq_len=8, reference=STORIES,
-                            db_path=db_path, tune_trials=1)  # fmt: skip
+    manifest = compile_llvm(
+        portable, tmp_path, batch_sizes=[2], seq_len=8, reference=STORIES, db_path=db_path, tune_trials=1
+    )
     assert manifest["kernels_swapped"] == 36  # 5 layers x 7 projections + lm_head
     sess = Session(tmp_path)
     tokens = np.random.default_rng(1).integers(0, 512, (2, 8)).astype(np.int64)
@@ -95,3 +96,49 @@ def test_tuning_db_persists_decisions(tmp_path):
 
 def test_dense_candidate_label():
     assert Candidate("bsr", {"block": (16, 1)}).label == "bsr(block=(16, 1))"
+
+
+def test_cli_compile_target_llvm_and_bench(tmp_path, db_path):
+    from typer.testing import CliRunner
+
+    from sparsegraph.cli import app
+
+    from paths import EXAMPLES
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    args = [
+        "compile",
+        str(STORIES),
+        "--recipe",
+        str(EXAMPLES / "recipes" / "nm24.yaml"),
+        "-o",
+        str(out),
+        "--target",
+        "llvm",
+        "--batch-sizes",
+        "1,2",
+        "--seq-len",
+        "4",
+        "--tune-trials",
+        "1",
+        "--tuning-db",
+        str(db_path),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {"module.so", "params.npz", "manifest.json", "sparse.onnx", "portable.onnx"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["codegen"]["timing_seconds"]) == {"b1_s4", "b2_s4"}
+    assert "## Compiled module" in (out / "report.md").read_text()
+    result = runner.invoke(app, ["bench", str(out), "--repeat", "3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["bucket"] for r in rows] == ["b1_s4", "b2_s4"] and all(r["speedup"] > 0 for r in rows)
+    assert (out / "bench.png").stat().st_size > 1000
+    bad = runner.invoke(app, [*args[:6], "--target", "cuda"])
+    assert bad.exit_code == 2 and "unknown target" in bad.output
+    bad = runner.invoke(app, [*args[:6], "--target", "llvm", "--batch-sizes", "one"])
+    assert bad.exit_code == 2 and "--batch-sizes" in bad.output
