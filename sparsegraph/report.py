@@ -49,6 +49,8 @@ def op_rows(before: dict[str, Any], after: dict[str, Any], ctx: PassContext) -> 
                 "layer": b["layer"],
                 "shape": b["shape"],
                 "params": b["params"],
+                "params_after": a["params"],
+                "shape_after": a.get("shape", b["shape"]),
                 "nonzeros_before": b["nonzeros"],
                 "nonzeros_after": a["nonzeros"],
                 "sparsity_before": 1 - b["nonzeros"] / max(b["params"], 1),
@@ -68,6 +70,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         k: sum(r[k] for r in rows)
         for k in (
             "params",
+            "params_after",
             "nonzeros_before",
             "nonzeros_after",
             "bytes_dense_before",
@@ -139,9 +142,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "| | before | after |",
         "|---|---|---|",
-        f"| weights (params) | {t['params']:,} | {t['params']:,} |",
+        f"| weights (params; shrinks only when shapes do) | {t['params']:,} | {t['params_after']:,} |",
         f"| nonzero weights | {t['nonzeros_before']:,} | {t['nonzeros_after']:,} |",
-        f"| sparsity | {1 - t['nonzeros_before'] / max(t['params'], 1):.1%} | {t['sparsity_after']:.1%} |",
+        f"| sparsity (zero or removed, of the original weights) "
+        f"| {1 - t['nonzeros_before'] / max(t['params'], 1):.1%} "
+        f"| {t['sparsity_after']:.1%} |",
         f"| weight bytes, dense storage | {_mb(t['bytes_dense_before'])} | {_mb(t['bytes_dense_after'])} |",
         f"| weight bytes, best sparse format | – | {_mb(t['bytes_best_after'])} "
         f"({t['compression']:.2f}x smaller) |",
