@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import report_sections
 from .pass_manager import PassContext
 from .validate import OutputDiff
 
@@ -117,6 +118,7 @@ def build(
         ],
         "files": files,
     }
+    report.update(report_sections.for_report(ctx))  # sections passes added (sensitivity, owl)
     report.update(extra or {})
     return report
 
@@ -190,6 +192,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     if "codegen" in report:
         lines += _codegen_markdown(report["codegen"])
+    lines += report_sections.markdown(report)
     lines += ["", "## Files", ""] + [f"- `{name}`: {_mb(size)}" for name, size in report["files"].items()]
     return "\n".join(lines) + "\n"
 
@@ -229,5 +232,6 @@ def _mb(n: int) -> str:
 
 
 def write(report: dict[str, Any], folder: Path) -> None:
+    report_sections.write_figures(report, folder)
     (folder / "report.json").write_text(to_json(report))
     (folder / "report.md").write_text(to_markdown(report))

@@ -7,6 +7,10 @@ dense model, or, with `sequential: true`, layer by layer (the `roles` layer inde
 without a layer last): the statistics of layer L+1 come from the model whose layers <= L
 are already pruned, as in the papers' reference code. Within a layer every op's
 statistics come from the same run, taken before any of them is pruned.
+
+`sparsity` may also name a sparsity plan of an earlier step (`sparsity: owl`,
+`sparsity: sensitivity`; see `sparsegraph.sparsity_plan`): the targets are then pruned in
+sub-groups of equal planned sparsity, each with the technique configured at that sparsity.
 """
 
 from __future__ import annotations
@@ -20,24 +24,23 @@ from sparsegraph.model import Model
 from sparsegraph.pass_manager import PassContext, PassResult
 from sparsegraph.passes.analysis.roles import Roles
 from sparsegraph.passes.analysis.sparsifiable import WeightedOp
+from sparsegraph.sparsity_plan import PLANNED_DESCRIPTION, PlannedSparsity, is_planned, resolve_sparsity
 
 from .targeted import MaskRewrite, TargetedConfig, TargetedRewrite
 
 
-def check_target(sparsity: float | None, n: int | None, m: int | None) -> None:
-    """ValueError unless exactly one of `sparsity` in [0, 1) or `0 < n <= m` is given."""
+def check_target(sparsity: float | str | None, n: int | None, m: int | None) -> None:
+    """ValueError unless exactly one of `sparsity` in [0, 1) (or a plan name) or `0 < n <= m` is given."""
     if (sparsity is None) == (n is None and m is None):
         raise ValueError("give either sparsity (unstructured) or n and m (N:M), not both or neither")
-    if sparsity is not None and not 0 <= sparsity < 1:
+    if sparsity is not None and not is_planned(sparsity) and not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     if sparsity is None and (n is None or m is None or not 0 < n <= m):
         raise ValueError(f"N:M needs 0 < N <= M (N kept per group of M), got {n}:{m}")
 
 
 class CalibratedConfig(TargetedConfig):
-    sparsity: float | None = pydantic.Field(
-        None, ge=0.0, lt=1.0, description="fraction of weights set to zero (unstructured), in [0, 1)"
-    )
+    sparsity: PlannedSparsity | None = pydantic.Field(None, description=PLANNED_DESCRIPTION)
     n: int | None = pydantic.Field(
         None, gt=0, description="weights kept in each group of m along K (N of N:M)"
     )
@@ -79,20 +82,27 @@ class CalibratedRewrite(MaskRewrite):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         calib = calibration_of(ctx, self.name)
         targets, warnings = TargetedRewrite.select(self, model, ctx)
+        planned, more = resolve_sparsity(self.name, self.config.sparsity, ctx, targets)
+        sparsity = {op.name: s for op, s in zip(targets, planned, strict=True)}
         groups = layer_groups(targets, ctx.get(Roles, model)) if self.config.sequential else [targets]
-        result = PassResult(False, [], warnings)
+        result = PassResult(False, [], warnings + more)
         written = []
+        config = self.config
         try:
             for group in (g for g in groups if g):
-                self._group = group
                 self._stats = calib.statistics(model, group, **self.statistics)
-                part = self.rewrite(model, ctx)
-                result.modified |= part.modified
-                result.changes += part.changes
-                result.warnings += part.warnings
-                written += self._written
+                for value, part_ops in _by_value(group, sparsity):
+                    self._group = part_ops
+                    if is_planned(config.sparsity):  # run as if configured with this op's sparsity
+                        self.config = config.model_copy(update={"sparsity": value})
+                    part = self.rewrite(model, ctx)
+                    result.modified |= part.modified
+                    result.changes += part.changes
+                    result.warnings += part.warnings
+                    written += self._written
         finally:
             self._group = None
+            self.config = config
         self._written = written
         return result
 
@@ -104,6 +114,14 @@ class CalibratedRewrite(MaskRewrite):
         """Statistics of the `index`-th op of the current group."""
         assert self._group is not None
         return self._stats[self._group[index].name]
+
+
+def _by_value(ops: list[WeightedOp], value: dict[str, Any]) -> list[tuple[Any, list[WeightedOp]]]:
+    """`ops` split into runs sharing `value[op.name]`, in first-seen order of the values."""
+    parts: dict[Any, list[WeightedOp]] = {}
+    for op in ops:
+        parts.setdefault(value[op.name], []).append(op)
+    return list(parts.items())
 
 
 def layer_groups(ops: list[WeightedOp], roles) -> list[list[WeightedOp]]:

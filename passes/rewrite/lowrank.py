@@ -97,7 +97,7 @@ class LowRank(TargetedRewrite):
                 continue
             a, b = low_rank_factors(w, rank)
             err = float(np.linalg.norm(w - a @ b) / max(np.linalg.norm(w), 1e-30))
-            _factor(model.graph, op.weight.node, a, b)
+            factor_node(model.graph, op.weight.node, a, b)
             changes.append(Change(op.name, "lowrank", {
                 "shape": list(op.shape), "rank": rank, "params_before": w.size,
                 "params_after": a.size + b.size, "relative_error": err,
@@ -105,8 +105,10 @@ class LowRank(TargetedRewrite):
         return PassResult(any(c.action == "lowrank" for c in changes), changes, warnings)
 
 
-def _factor(graph: gs.Graph, node: gs.Node, a: np.ndarray, b: np.ndarray) -> None:
-    """Rewrite `node` (MatMul or Gemm computing X @ W.T with W = a @ b) as two MatMuls."""
+def factor_node(graph: gs.Graph, node: gs.Node, a: np.ndarray, b: np.ndarray) -> None:
+    """Rewrite `node` (MatMul or Gemm computing X @ W.T with W ≈ a @ b, `a[N, r]`, `b[r, K]`)
+    as `(X @ b.T) @ a.T` (two MatMuls; Gemm's alpha folded into the second factor, its bias
+    added after). Node and tensor names derive from `node.name` (`<name>/lowrank_*`)."""
     x, out = node.inputs[0], node.outputs[0]
     base = node.name
     first = gs.Variable(f"{base}/lowrank_mid", dtype=out.dtype)
@@ -132,3 +134,5 @@ def _factor(graph: gs.Graph, node: gs.Node, a: np.ndarray, b: np.ndarray) -> Non
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.extend(new)
+
+

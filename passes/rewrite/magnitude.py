@@ -7,10 +7,12 @@ import math
 from typing import Literal
 
 import numpy as np
+import pydantic
 
 from sparsegraph.pass_manager import register
+from sparsegraph.sparsity_plan import PLANNED_DESCRIPTION, PlannedSparsity, is_planned, resolve_sparsity
 
-from .targeted import MaskRewrite, TargetedConfig, prune_lowest, sparsity_field
+from .targeted import MaskRewrite, TargetedConfig, prune_lowest
 
 
 def magnitude_mask(
@@ -36,20 +38,35 @@ def global_magnitude_masks(weights: list[np.ndarray], sparsity: float) -> list[n
 
 
 class MagnitudeConfig(TargetedConfig):
-    sparsity: float = sparsity_field()
+    sparsity: PlannedSparsity = pydantic.Field(description=PLANNED_DESCRIPTION)
     granularity: Literal["tensor", "row", "global"] = "tensor"
+
+    @pydantic.model_validator(mode="after")
+    def _plan_is_per_op(self):
+        if is_planned(self.sparsity) and self.granularity == "global":
+            raise ValueError(f"sparsity: {self.sparsity} (a per-op plan) cannot use granularity: global")
+        return self
 
 
 @register
 class Magnitude(MaskRewrite):
     """Zero the smallest-magnitude weights: per tensor, per output row, or globally across
-    all selected ops (one threshold)."""
+    all selected ops (one threshold); `sparsity: owl|sensitivity` applies an earlier step's
+    per-op plan (`sparsegraph.sparsity_plan`)."""
 
     name = "magnitude"
     Config = MagnitudeConfig
     supported = ("MatMul", "Gemm", "Conv", "Gather")
 
+    def select(self, model, ctx):
+        targets, warnings = super().select(model, ctx)
+        self._sparsity, more = resolve_sparsity(self.name, self.config.sparsity, ctx, targets)
+        return targets, warnings + more
+
     def masks(self, weights, ctx):
         if self.config.granularity == "global":
             return global_magnitude_masks(weights, self.config.sparsity)
-        return [magnitude_mask(w, self.config.sparsity, self.config.granularity) for w in weights]
+        return [
+            magnitude_mask(w, s, self.config.granularity)
+            for w, s in zip(weights, self._sparsity, strict=True)
+        ]
