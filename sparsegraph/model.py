@@ -86,7 +86,13 @@ class Model:
             domain=proto.domain,
             metadata_props={p.key: p.value for p in proto.metadata_props},
         )
-        return cls(gs.import_onnx(proto), meta, path)
+        graph = gs.import_onnx(proto)
+        # gs keeps the proto's opset list; under upb that one reference would keep the whole
+        # message (every weight's bytes) alive beside the arrays, so give it fresh copies
+        graph.import_domains = [
+            onnx.helper.make_opsetid(o.domain, o.version) for o in graph.import_domains or []
+        ]
+        return cls(graph, meta, path)
 
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto with the original model-level fields restored."""
