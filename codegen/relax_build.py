@@ -13,6 +13,7 @@ does not matter.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -178,6 +179,19 @@ def build_module(
     mod = swapper.run()
     lifter = _LiftConstants(mod)
     mod = lifter.run()
+    replaced, params, param_names = swapper.replaced, lifter.params, lifter.param_names
+    _release(swapper, lifter)
     with target:
         executable = tvm.compile(mod, target=target)
-    return executable, swapper.replaced, lifter.params, lifter.param_names
+    del mod
+    gc.collect()
+    return executable, replaced, params, param_names
+
+
+def _release(*mutators) -> None:
+    """Drop what the mutators reference: TVM keeps them alive from C++ (a cycle Python's GC
+    cannot see), which otherwise leaked every module and weight copy of a build."""
+    for m in mutators:
+        for name in list(vars(m)):
+            setattr(m, name, None)
+    gc.collect()
