@@ -37,8 +37,11 @@ def check_model_file(path: Path) -> None:
 
 
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session whose idle workers do not spin: spinning threads would
+    steal cores from whatever runs next in the process (our compiled module in `bench`)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
