@@ -8,15 +8,14 @@ import os
 
 import numpy as np
 import pytest
+import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-tvm = pytest.importorskip("tvm")
-
-from sparsegraph.codegen import cpu_kernels as ck  # noqa: E402
-from sparsegraph.codegen import formats as fmts  # noqa: E402
-from sparsegraph.codegen.formats import UnfitError  # noqa: E402
-from sparsegraph.codegen.target import (  # noqa: E402
+from sparsegraph.codegen import cpu_kernels as ck
+from sparsegraph.codegen import formats as fmts
+from sparsegraph.codegen.formats import UnfitError
+from sparsegraph.codegen.target import (
     cpu_flags,
     has_avx512,
     host_target,

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-
-ort = pytest.importorskip("onnxruntime")
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
 FIXTURES = ["bert_tiny", "gpt2_tiny", "gpt2_tiny_legacy", "llama_tiny", "llama_tiny_kv"]
