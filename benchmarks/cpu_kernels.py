@@ -586,7 +586,8 @@ def goal_rows(result: dict[str, Any]) -> list[str]:
             x = c["methods"][c["best"]]["x_ort"]
             row.append(f"{x:.2f}x {'met' if x >= need else 'MISSED'}")
         lines.append(f"| M={m}, {pat}: ≥ {need}x ORT | " + " | ".join(row) + " |")
-    # blocks at least as fast as unstructured at equal sparsity (M = 1)
+    # blocks at least as fast as unstructured at equal sparsity (M = 1), compared as speedups
+    # over each cell's own neighbouring ORT time: the DRAM bandwidth drifts between cells
     for s_ in (70, 90):
         row = []
         for s in shapes:
@@ -595,10 +596,12 @@ def goal_rows(result: dict[str, Any]) -> list[str]:
             if u is None or not all(bs):
                 row.append("–")
                 continue
-            ut = u["methods"][u["best"]]["median_s"]
-            worst = max(b["methods"][b["best"]]["median_s"] / ut for b in bs)
-            row.append(f"slowest block {worst:.2f}x unstructured time {'met' if worst <= 1.0 else 'MISSED'}")
-        lines.append(f"| M=1, blocks at {s_} % ≤ unstructured time | " + " | ".join(row) + " |")
+            ux = u["methods"][u["best"]]["x_ort"]
+            worst = min(bs, key=lambda b: b["methods"][b["best"]]["x_ort"])
+            wx = worst["methods"][worst["best"]]["x_ort"]
+            blk = worst["pattern"][1:].split("_")[0]
+            row.append(f"{blk} {wx:.2f}x vs {ux:.2f}x {'met' if wx >= ux else 'MISSED'}")
+        lines.append(f"| M=1, slowest block at {s_} % ≥ unstructured (x ORT) | " + " | ".join(row) + " |")
     row = []
     for s in shapes:
         bad = []

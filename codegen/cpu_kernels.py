@@ -61,14 +61,21 @@ conflicts) and write every element of Y. Builders take a dense W[N, K] or an ins
 their `formats` class (used as is when its parameters match, so a large weight is packed
 once for several M). `SCHEDULE_SPACE` lists a few schedules per format for a tuner.
 
-Which kernel wins (cold cache, 2-core Zen 5, `benchmarks/cpu_kernels.py`): M = 1: bitmap
-up to ~80 % sparsity, CSR gather above; M = 8: bitmap at <= 70 %, CSR xt above; M >= 64:
-CSR xt (unstructured), N:M (2:4), BSR; blocks 16x1/32x32 always beat unstructured at
-equal sparsity. Tried and dropped: a tiled-CSC "axpy" kernel (acc tile in L1, per input k
-a list of uint8 local outputs): 1.6 cycles/nnz at 70 % and 2.2 at 90 % for M = 8, never
-faster than the bitmap (1.0) or CSR xt (1.5); software prefetch in the CSR gather loop (no
-change); int32 bitmap offsets (the sign extension doubled the offset chain: int64 is 5-10 %
-faster at M = 1).
+Which kernel wins (cold cache, 2-core Zen 5, `benchmarks/cpu_kernels.py`, 2026-11-25 run):
+M = 1: bitmap up to 70 % and for 2:4, CSR gather at >= 90 %; M = 8: bitmap at <= 70 %, CSR
+xt at >= 90 %; M >= 64: CSR xt (unstructured), N:M (2:4); BSR for block patterns at every
+M. At M = 1 the kernels stream 40-78 GB/s (ORT dense: 30-55 GB/s), i.e. they sit at the
+bytes bound; at M = 8 the bitmap is FMA-bound (8 zmm FMAs per mask word: dense math) and
+CSR xt load-bound (~1.5 cycles/nnz); at M >= 64 CSR xt is bound by L2 bandwidth on the
+random XT rows (one 256-byte row per nonzero per 64-lane tile).
+Tried and dropped: a tiled-CSC "axpy" kernel (acc tile in L1, per input k a list of
+uint8 local outputs): 1.6 cycles/nnz at 70 % and 2.2 at 90 % for M = 8, never faster
+than the bitmap (1.0) or CSR xt (1.5); two CSR rows interleaved per gather loop (3 %
+slower); prefetchnta instead of prefetcht0 (no change); software prefetch in the dense
+kernel (15-25 % slower); K chunks for the BSR "r" variant (no gain). Kept: int64 bitmap
+offsets (the int32 sign extension doubled the offset chain: 5-10 % at M = 1); software
+prefetch of the value/index streams (bitmap M = 8 at 70 %: 3.8 -> 1.9 ms; CSR xt M = 8:
+4.7 -> 3.2 ms; BSR 16x1 M = 8: 4.4 -> 1.8 ms; CSR gather: 0-4 %).
 """
 
 from __future__ import annotations
