@@ -27,6 +27,7 @@ Instances are frozen dataclasses; their arrays are read-only views.
 
 from __future__ import annotations
 
+import abc
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,7 +190,7 @@ def _unpack_bits(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------- protocol
 
 
-class WeightFormat:
+class WeightFormat(abc.ABC):
     """Common protocol of the weight formats (see the module docstring)."""
 
     name: ClassVar[str]
@@ -201,8 +202,9 @@ class WeightFormat:
 
     # -- construction
     @classmethod
+    @abc.abstractmethod
     def pack(cls, w: Any, **params: Any) -> WeightFormat:
-        raise NotImplementedError
+        """Pack the dense canonical weight `w[N, K]`."""
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], **attrs: Any) -> WeightFormat:
@@ -230,16 +232,18 @@ class WeightFormat:
         return cls._packed_nbytes(a != 0, a.dtype.itemsize, **params)
 
     @classmethod
+    @abc.abstractmethod
     def _packed_nbytes(cls, mask: np.ndarray, itemsize: int, **params: Any) -> int:
-        raise NotImplementedError
+        """Bytes `pack` would store for a weight with nonzero `mask` and `itemsize`."""
 
     def nbytes(self) -> int:
         """Exact bytes of all arrays a kernel reads (padding and index arrays included)."""
         return sum(int(a.nbytes) for a in self.arrays().values())
 
     # -- contents
+    @abc.abstractmethod
     def unpack(self) -> np.ndarray:
-        raise NotImplementedError
+        """The exact dense W[N, K]."""
 
     @property
     def dtype(self) -> np.dtype:
