@@ -72,6 +72,7 @@ def compile_llvm(
     """
     from . import relax_build
     from .dispatch import Dispatcher, TuningDB, llc_bytes
+    from .rewrites import RewriteContext, pattern_rewrites
     from .target import host_target
 
     start = time.perf_counter()
@@ -92,12 +93,19 @@ def compile_llvm(
     buckets = buckets_for(model, list(batch_sizes), seq_len)
     proto = onnx.load(str(portable))
 
+    fused: list[dict[str, Any]] = []
+
     def build(dispatcher: Dispatcher, dense_tags: frozenset[str] = frozenset()):
         def choose(key: str, m: int, tag: str):
             name, w = weights[key]
             return dense_kernels.kernel(name, w, m) if tag in dense_tags else dispatcher.kernel(name, w, m)
 
-        return relax_build.build_module(proto, buckets, choose, set(weights), target)
+        ctx = RewriteContext(target, cold, db, dense_tags)
+        built = relax_build.build_module(
+            proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(ctx)
+        )
+        fused[:] = ctx.decisions
+        return built
 
     chosen = Dispatcher(target, db, cold, tune_trials)
     dense_kernels = Dispatcher(target, db, cold, force="dense")
@@ -148,6 +156,7 @@ def compile_llvm(
         ],
         "cache_regime": "cold" if cold else "hot",
         "ops": _op_decisions(weights, roles, chosen),
+        "fused": fused,
         "timing_seconds": timing,
         "kernels_swapped": len(swaps),
         "compile_seconds": round(time.perf_counter() - start, 2),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -162,19 +162,24 @@ def build_module(
     choose: Callable[[str, int, str], Any],
     keys: set[str],
     target: Any,
+    rewrites: Sequence[Callable[[tvm.IRModule], tvm.IRModule]] = (),
 ) -> tuple[Any, list[tuple[str, int, str]], dict[str, np.ndarray], dict[str, list[str]]]:
     """Compile one function `main_<tag>` per bucket.
 
-    `choose(key, M, tag)` returns the `CPUKernel` for the weight with content `key` at M
-    rows in bucket `tag` (or None to leave the matmul to TVM's default lowering). Returns
-    the executable, the swaps made, the lifted weights (name -> array) and, per function,
-    the names of the weights it takes after the model inputs.
+    `rewrites` run in order on the imported, constant-folded module before the linear-op
+    swap (e.g. fused kernels that claim a pattern around a matmul first). `choose(key, M,
+    tag)` returns the `CPUKernel` for the weight with content `key` at M rows in bucket
+    `tag` (or None to leave the matmul to TVM's default lowering). Returns the executable,
+    the swaps made, the lifted weights (name -> array) and, per function, the names of the
+    weights it takes after the model inputs.
     """
     mod = tvm.IRModule()
     for tag, shapes in buckets.items():
         func = import_bucket(proto, shapes).with_attr("global_symbol", f"main_{tag}")
         mod[f"main_{tag}"] = func
     mod = relax.transform.FoldConstant()(mod)
+    for rewrite in rewrites:
+        mod = rewrite(mod)
     swapper = _SwapLinear(mod, choose, keys)
     mod = swapper.run()
     lifter = _LiftConstants(mod)
