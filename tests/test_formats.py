@@ -17,6 +17,7 @@ from sparsegraph.codegen.formats import (
     FORMATS,
     NM,
     Bitmap,
+    DeltaCSR,
     Dense,
     FormatError,
     UnfitError,
@@ -159,6 +160,22 @@ def test_bitmap_round_trip(group, g, k, dtype, sparsity, seed):
     nnz = np.count_nonzero(w)
     assert f.values.shape == (nnz,)
     assert f.nbytes() == nnz * w.itemsize + g * k * group // 8 + (g + 1) * f.gptr.itemsize
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 300), DTYPES, SPARSITIES, SEEDS)
+def test_delta_csr_round_trip(n, k, dtype, sparsity, seed):
+    w = random_weight((n, k), sparsity, dtype, seed)
+    f = DeltaCSR.pack(w)
+    check_format(f, w)
+    cols = f.columns()
+    assert f.values.shape == (f.base.size, 8) and f.deltas.dtype == np.uint32
+    assert np.all(np.diff(cols, axis=1) >= 0) and np.all(np.diff(cols, axis=1) <= 15)
+    assert cols.size == 0 or cols.max() < k
+    # chunks hold each row's nonzeros in order, then zeros: no nonzero is lost or moved
+    rows = np.repeat(np.arange(n), np.diff(f.indptr.astype(np.int64)))
+    keep = f.values != 0
+    assert np.array_equal(np.sort(rows[:, None].repeat(8, 1)[keep] * k + cols[keep]), np.flatnonzero(w != 0))
 
 
 def test_bfloat16_round_trip_all_formats():
@@ -311,6 +328,7 @@ def test_format_bytes_equals_packed_nbytes(n, k, dtype, sparsity, seed):
         "csr": CSR.pack(w, pad=4).nbytes(),
         "bsr": BSR.pack(w, block=(8, 2)).nbytes(),
         "bitmap": Bitmap.pack(w).nbytes(),
+        "dcsr": DeltaCSR.pack(w).nbytes(),
     }
     if k % 4 == 0:
         expected["nm"] = NM.pack(w).nbytes()
@@ -319,10 +337,10 @@ def test_format_bytes_equals_packed_nbytes(n, k, dtype, sparsity, seed):
 
 def test_format_bytes_skips_formats_that_cannot_hold_w():
     w = random_weight((20, 6), 0.5, np.float32, 0)  # N % 16 != 0, K % 4 != 0
-    assert set(format_bytes(w)) == {"dense", "csr"}
+    assert set(format_bytes(w)) == {"dense", "csr", "dcsr"}
     assert set(format_bytes(w, block=(4, 3), nm=(2, 3))) >= {"dense", "csr", "bsr"}
     dense_w = np.ones((16, 8), np.float32)  # divisible, but not 2:4 sparse
-    assert set(format_bytes(dense_w)) == {"dense", "csr", "bsr", "bitmap"}
+    assert set(format_bytes(dense_w)) == {"dense", "csr", "bsr", "bitmap", "dcsr"}
     assert "nm" in format_bytes(dense_w, nm=(4, 4))
     assert "nm" not in format_bytes(nm_weight(16, 2, 2, 4, 0.0, np.float32, 1), nm=None)
 
@@ -335,7 +353,7 @@ def test_format_bytes_rejects_bad_parameters():
 
 
 def test_registry():
-    assert FORMATS == {"dense": Dense, "csr": CSR, "bsr": BSR, "nm": NM, "bitmap": Bitmap}
+    assert FORMATS == {"dense": Dense, "csr": CSR, "bsr": BSR, "nm": NM, "bitmap": Bitmap, "dcsr": DeltaCSR}
     for name, cls in FORMATS.items():
         assert cls.name == name
 
