@@ -3,4 +3,4 @@
 from . import block, lowrank, magnitude, nm, sparsegpt, topk, wanda  # noqa: F401  (register the passes)
 from .asvd import ASVD  # noqa: F401  (activation-aware SVD)
 from .structured import PruneHeads, PruneLayers, PruneNeurons  # noqa: F401  (structured pruning)
-from . import sparse_attention  # noqa: F401  (attention masks: window, strided, block, dynamic block)
+from . import kv_cache, sparse_attention, topk_attention  # noqa: F401  (attention masks, decode top-k, bounded KV cache)
