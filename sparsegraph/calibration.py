@@ -119,6 +119,56 @@ class ActivationStats:
         return 2.0 * self.xtx / max(self.rows, 1)
 
 
+#: Sub-bins per octave of `AbsHistogram` (bin edges 2^(i/32) apart: quantiles to ~1 %).
+FINE_PER_OCTAVE = 32
+FINE_EDGES = np.concatenate(
+    [[0.0], 2.0 ** (np.arange(-24 * FINE_PER_OCTAVE, 24 * FINE_PER_OCTAVE + 1) / FINE_PER_OCTAVE), [np.inf]]
+)
+
+
+@dataclass
+class AbsHistogram:
+    """Counts of `|x|` of rows `x[rows, K]` on the log-spaced `FINE_EDGES`, over the whole
+    tensor (`counts[bins]`) or per channel of the last axis (`per_channel`: `counts[K, bins]`,
+    `8·K·len(FINE_EDGES)` bytes). `quantile(q)` inverts the CDF, interpolating within a bin."""
+
+    k: int
+    per_channel: bool = False
+    counts: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.counts is None:
+            bins = len(FINE_EDGES) - 1
+            self.counts = np.zeros((self.k, bins) if self.per_channel else bins, dtype=np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        a = np.abs(np.asarray(x, dtype=np.float64).reshape(-1, self.k))
+        bins = len(FINE_EDGES) - 1
+        with np.errstate(divide="ignore"):  # |x| = 0 -> -inf -> bin 0
+            idx = np.floor(np.log2(a) * FINE_PER_OCTAVE) + (24 * FINE_PER_OCTAVE + 1)
+        idx = np.clip(np.nan_to_num(idx, nan=0.0, neginf=0.0), 0, bins - 1).astype(np.int64)
+        if self.per_channel:
+            idx += np.arange(self.k) * bins
+            self.counts += np.bincount(idx.ravel(), minlength=self.k * bins).reshape(self.k, bins)
+        else:
+            self.counts += np.bincount(idx.ravel(), minlength=bins)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """`t` with a fraction `q` of the `|x|` at or below it (per channel: shape [K])."""
+        counts = np.atleast_2d(self.counts).astype(np.float64)
+        cum = np.cumsum(counts, axis=1)
+        target = q * cum[:, -1]
+        b = np.minimum((cum < target[:, None]).sum(axis=1), counts.shape[1] - 1)
+        rows = np.arange(len(b))
+        below = np.where(b > 0, cum[rows, np.maximum(b - 1, 0)], 0.0)
+        frac = np.clip((target - below) / np.maximum(counts[rows, b], 1.0), 0.0, 1.0)
+        lo, hi = FINE_EDGES[b], FINE_EDGES[b + 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(b == 0, hi * frac, lo * (hi / np.where(lo > 0, lo, 1.0)) ** frac)
+        t = np.where(np.isfinite(t), t, lo)
+        return t if self.per_channel else t[0]
+
+
 def tap_unsupported(node: gs.Node) -> str | None:
     """Why the data input of `node` cannot be tapped for statistics, or None."""
     if node.op == "Conv":
@@ -214,6 +264,36 @@ def collect_statistics(
         for feed in _progress(feeds, total):
             _fold(stats, taps, feed, _run(sess, names, feed))  # the batch's outputs die on return
     return {name: stats[key] for name, key in key_of.items()}
+
+
+def stream_tensors(
+    model: Model, names: Sequence[str], feeds: Iterable[Feed], total: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch of `feeds` (complete feed dicts), the tensors `names` of `model` by name, as
+    onnxruntime computes them on a probe copy whose outputs are only those tensors (a graph
+    input is read from the feed). One batch's arrays are alive at a time (the caller's)."""
+    probe = model.copy()
+    tensors = probe.graph.tensors()
+    inputs = {t.name for t in probe.graph.inputs}
+    outputs, out_of = [], {}
+    for i, name in enumerate(dict.fromkeys(names)):
+        if name not in tensors:
+            raise UsageError(f"model {model.name} has no tensor {name!r}")
+        if name in inputs:
+            continue
+        out = gs.Variable(f"{name}__stream_{i}", dtype=tensors[name].dtype or np.float32)
+        probe.graph.nodes.append(
+            gs.Node("Identity", f"stream_tap_{i}", inputs=[tensors[name]], outputs=[out])
+        )
+        outputs.append(out)
+        out_of[name] = out.name
+    probe.graph.outputs = outputs
+    probe.graph.cleanup().toposort()
+    run_names = [out.name for out in outputs]
+    with _session(probe) if run_names else contextlib.nullcontext() as sess:
+        for feed in _progress(feeds, total):
+            outs = _run(sess, run_names, feed)
+            yield {name: feed[name] if name in inputs else outs[out_of[name]] for name in names}
 
 
 def _run(sess, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
