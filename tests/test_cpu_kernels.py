@@ -146,6 +146,8 @@ def test_dense_matches_numpy(m, n, k, seed):
         {"m_tile": 16, "n_panel": 16, "k_unroll": 1},
         {"m_tile": 5, "n_panel": 48, "k_unroll": 5},
         {"m_tile": 8, "n_panel": 32, "k_unroll": 4, "prefetch": 8},  # prefetch (clamped at the K end)
+        {"m_tile": 5, "n_panel": 48, "k_unroll": 3, "k_block": 32},  # K blocks: block and unroll tails
+        {"m_tile": 6, "n_panel": 64, "k_unroll": 4, "k_block": 48},  # K blocks: partial last panel
     ],
 )
 def test_dense_schedules(schedule):
@@ -155,6 +157,14 @@ def test_dense_schedules(schedule):
         assert kern.schedule[key] == value
     assert kern.weights["Wp"].shape[2] == schedule["n_panel"]
     check(kern, w, 17)
+
+
+def test_dense_large_m_default_is_k_blocked():
+    w = random_weight(72, 600, 0.0, 3)  # N tail in the last 64-wide panel, K = 512 + 88
+    kern = ck.build_dense(w, 70, TARGET)
+    assert kern.schedule["k_block"] == 512 and kern.schedule["n_panel"] == 64
+    check(kern, w, 70)
+    assert ck.build_dense(w, 8, TARGET).schedule["k_block"] == 0
 
 
 def test_dense_asm_uses_zmm():
