@@ -69,7 +69,16 @@ def state_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
 class KVDecoder:
     """Feeds a KV-cache model one step at a time; `state_nbytes` is the cache it holds."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, batch: int = 1, threads: int = 1):
+    def __init__(
+        self,
+        model: str | Path | onnx.ModelProto,
+        batch: int = 1,
+        threads: int = 1,
+        positions: str | None = None,
+        mask: str | None = None,
+    ):
+        """`positions` / `mask` name those inputs when data flow cannot tell them apart
+        (position ids are found only when they feed RoPE's Sin/Cos)."""
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -84,8 +93,8 @@ class KVDecoder:
         past = {p for p, _ in self.pairs}
         inputs = {i.name: i for i in self.session.get_inputs()}
         others = [n for n in inputs if n not in past and n != self.token]
-        self.positions = next((n for n in others if _reaches(proto, n, {"Sin", "Cos"})), None)
-        self.mask = next((n for n in others if n != self.positions), None)
+        self.positions = positions or next((n for n in others if _reaches(proto, n, {"Sin", "Cos"})), None)
+        self.mask = mask or next((n for n in others if n != self.positions), None)
         self.logits = self.session.get_outputs()[0].name
         self._specs = {p: inputs[p] for p in past}
         self.reset()

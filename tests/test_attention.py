@@ -286,3 +286,15 @@ def test_topk_decode_step_matches_sparq_reference():
     prefill = _feeds("llama_tiny_kv", seq=6, past=0)  # decode_only: prefill stays dense
     dense = _run(_load("llama_tiny_kv"), prefill)
     np.testing.assert_array_equal(_run(model, prefill)["logits"], dense["logits"])
+
+
+@pytest.mark.parametrize("recipe", ["attention_window64", "attention_dynamic_block50", "kv_window_sink128"])
+def test_shipped_recipes_run(recipe):
+    from paths import EXAMPLES
+
+    model = _load("llama_tiny_kv")
+    ctx = sg.PassManager(sg.Recipe.load(EXAMPLES / "recipes" / f"{recipe}.yaml").steps).run(model)
+    assert [len(result.changes) for _, result, _ in ctx.history] == [2]
+    feeds = _feeds("llama_tiny_kv")
+    dense = _run(_load("llama_tiny_kv"), feeds)["logits"]
+    np.testing.assert_allclose(_run(model, feeds)["logits"], dense, atol=1e-5)  # budgets exceed 16 positions

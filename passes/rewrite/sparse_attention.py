@@ -8,7 +8,8 @@ the portable model is exact sparse attention in stock onnxruntime.
 
 Positions come from the logits' own shape: `Lq = shape[-2]`, `Lk = shape[-1]`, query `i`
 sits at absolute position `Lk - Lq + i` (queries are the last `Lq` keys: prefill, and
-decode steps with a full KV cache) and key `j` at `j`. For static patterns `Mbias` is built
+decode steps with a full KV cache; not a cache pruned by `kv_cache`, whose slots no
+longer hold consecutive positions) and key `j` at `j`. For static patterns `Mbias` is built
 from `Shape`/`Range`/comparisons/`Where` only, so once a compiler fixes the shapes and
 folds constants it is a constant `[Lq, Lk]` tensor; `pattern_mask` computes the same mask
 in numpy (True = kept) and is the reference both sides agree on.
