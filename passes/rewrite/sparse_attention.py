@@ -214,12 +214,12 @@ def insert_before_softmax(graph: gs.Graph, softmax: gs.Node, bias: gs.Tensor, b:
 def sites_to_change(
     finding: AttentionFinding, layers: list[int] | None, pass_name: str
 ) -> tuple[list[AttentionSite], list[str]]:
-    """Softmax-form sites in `layers` (all by default); fused ops are left alone with a warning."""
+    """Softmax-form sites in `layers` (all by default); fused ops and Softmax nodes that are
+    not attention are left alone with a warning."""
+    fused = [s for s in finding.sites if s.kind != "softmax"]
     warnings = [
-        f"{s.node}: fused {s.kind} left unchanged ({pass_name} rewrites the Softmax form only)"
-        for s in finding.sites
-        if s.kind != "softmax"
-    ]
+        f"{s.node}: fused {s.kind} left unchanged ({pass_name} rewrites the Softmax form only)" for s in fused
+    ] + [f"{node}: Softmax left unchanged, not attention ({reason})" for node, reason in finding.unrecognised]
     sites = [s for s in finding.sites if s.kind == "softmax" and (layers is None or s.layer in layers)]
     if layers is not None:
         missing = sorted(set(layers) - {s.layer for s in finding.sites})
@@ -228,7 +228,7 @@ def sites_to_change(
     if not sites:
         raise UnsupportedOpError(
             f"pass {pass_name!r}: no attention (Softmax between two activation MatMuls) to rewrite"
-            + (f"; {len(warnings)} fused attention ops are not supported" if warnings else "")
+            + (f"; {len(fused)} fused attention ops are not supported" if fused else "")
         )
     return sites, warnings
 
