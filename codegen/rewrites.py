@@ -16,6 +16,9 @@ from typing import Any
 
 import tvm
 
+from .act_kernels import act_sparse_rewrite
+from .attention_rewrite import sparse_attention
+
 Rewrite = Callable[[tvm.IRModule], tvm.IRModule]
 
 
@@ -29,7 +32,10 @@ class RewriteContext:
 
 
 #: factories, in the order their rewrites run
-FACTORIES: list[Callable[[RewriteContext], Rewrite | None]] = []
+FACTORIES: list[Callable[[RewriteContext], Rewrite | None]] = [
+    act_sparse_rewrite,  # fused threshold + matmul skipping inactive input channels (M <= 8)
+    sparse_attention,  # block-sparse attention kernel where the mask is a constant (prefill)
+]
 
 
 def pattern_rewrites(ctx: RewriteContext) -> list[Rewrite]:

@@ -1,0 +1,216 @@
+"""Fused activation-sparse kernels: CPU kernels vs numpy (M = 1, 4, 8; scalar and per-channel
+thresholds; both W layouts; the weight-sparse variant), the Relax rewrite inside a compiled
+model vs onnxruntime, and the CUDA kernel (compiled to CUDA source here; run where a GPU is)."""
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from sparsegraph.codegen import act_kernels as ak
+from sparsegraph.codegen.dispatch import TuningDB
+from sparsegraph.codegen.llvm_compile import compile_llvm
+from sparsegraph.codegen.target import has_avx512, host_target
+from sparsegraph.runtime import Session
+
+import graphs as g
+
+
+def _case(m, k, n, sparsity, per_channel, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if per_channel:
+        t = np.quantile(np.abs(x), sparsity, axis=0).astype(np.float32) if m > 1 else None
+        t = np.abs(rng.standard_normal(k)).astype(np.float32) * sparsity * 2 if t is None else t
+    else:
+        t = np.float32(np.quantile(np.abs(x), sparsity))
+    return x, t, w
+
+
+def _check(kern, x, t, w):
+    y = kern(x)
+    ref = ak.reference(x, t, w)
+    assert y.shape == ref.shape
+    tol = 1e-5 * max(1.0, np.abs(ref).max()) * np.sqrt(x.shape[1])
+    assert np.abs(y - ref).max() <= tol
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "sparsity", "per_channel", "schedule"),
+    [
+        (1, 300, 1040, 0.5, False, None),  # rows layout, partial last tile
+        (1, 64, 37, 0.9, True, None),  # N not a multiple of 16
+        (4, 257, 200, 0.7, True, {"k_unroll": 1, "prefetch": 0}),
+        (8, 128, 96, 0.25, False, {"tile": 64}),
+        (1, 96, 130, 0.5, False, {"layout": "panel"}),
+        (8, 200, 64, 0.9, True, {"layout": "panel", "j_chunk": 16}),  # two m tiles, chunked
+    ],
+)
+def test_act_dense_matches_numpy(m, k, n, sparsity, per_channel, schedule):
+    x, t, w = _case(m, k, n, sparsity, per_channel)
+    kern = ak.build_act_dense(w, t, m, schedule=schedule)
+    _check(kern, x, t, w)
+    assert kern.weights["threshold"].shape == (k,)
+
+
+def test_act_dense_all_and_no_channels_active():
+    x, _, w = _case(4, 80, 64, 0.0, False, seed=3)
+    for t in (-1.0, float(np.abs(x).max())):  # every channel active / none active (Y = 0)
+        _check(ak.build_act_dense(w, t, 4), x, t, w)
+    assert not ak.build_act_dense(w, 1e9, 4)(x).any()
+
+
+@pytest.mark.skipif(not has_avx512(), reason="the bitmap variant needs AVX-512")
+@pytest.mark.parametrize(("m", "sparsity"), [(1, 0.5), (4, 0.7), (8, 0.3)])
+def test_act_bitmap_weight_sparse_matches_numpy(m, sparsity):
+    x, t, w = _case(m, 160, 128, sparsity, True, seed=m)
+    w = w * (np.random.default_rng(9).random(w.shape) < 0.4)  # 60 % zeros in W
+    kern = ak.build_act_bitmap(w, t, m)
+    _check(kern, x, t, w)
+    assert kern.nbytes < ak.build_act_dense(w, t, m).nbytes  # stores only W's nonzeros
+
+
+def test_bad_arguments():
+    w = np.ones((8, 16), np.float32)
+    with pytest.raises(ValueError, match="threshold"):
+        ak.build_act_dense(w, np.ones(5, np.float32), 1)
+    with pytest.raises(ValueError, match="layout"):
+        ak.build_act_dense(w, 0.1, 1, schedule={"layout": "csc"})
+    with pytest.raises(ValueError, match="unknown"):
+        ak.build_act_dense(w, 0.1, 1, schedule={"tiles": 3})
+
+
+# ------------------------------------------------------------------ in a compiled model
+
+
+def _thresholded_mlp(k=64, h=128, n=48, seed=0):
+    """X -> Where(|X| > t0) -> MatMul W0 -> Relu -> Where(|.| > T1 per channel) -> MatMul W1."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "W0": rng.standard_normal((k, h)).astype(np.float32),
+        "W1": rng.standard_normal((h, n)).astype(np.float32),
+        "T0": np.array(0.6, np.float32),
+        "T1": (np.abs(rng.standard_normal(h)) * 4).astype(np.float32),
+        "Z": np.array(0.0, np.float32),
+    }
+    nodes = []
+    for i, (src, dst) in enumerate((("X", "y0"), ("r0", "y1"))):
+        nodes += [
+            helper.make_node("Abs", [src], [f"a{i}"]),
+            helper.make_node("Greater", [f"a{i}", f"T{i}"], [f"g{i}"]),
+            helper.make_node("Where", [f"g{i}", src, "Z"], [dst]),
+        ]
+        if i == 0:
+            nodes += [
+                helper.make_node("MatMul", ["y0", "W0"], ["h0"]),
+                helper.make_node("Relu", ["h0"], ["r0"]),
+            ]
+    nodes.append(helper.make_node("MatMul", ["y1", "W1"], ["Y"]))
+    return g.make_model(nodes, [g._x(["batch", k])], [g._y(["batch", n])], inits), inits
+
+
+def _feeds(batch, k=64, seed=1):
+    return {"X": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
+
+
+def test_compiled_model_with_where_pattern_matches_onnxruntime(tmp_path):
+    model, _ = _thresholded_mlp()
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(model.SerializeToString())
+    man = compile_llvm(
+        path, tmp_path / "out", batch_sizes=[1, 4], db_path=tmp_path / "db.json", tune_trials=1
+    )
+    # one measured decision per (weight, bucket), each with both timings
+    assert len(man["fused"]) == 4
+    assert {(tuple(f["weight_shape"]), f["M"]) for f in man["fused"]} == {
+        ((64, 128), 1),
+        ((64, 128), 4),
+        ((128, 48), 1),
+        ((128, 48), 4),
+    }
+    assert {f["threshold"] for f in man["fused"]} == {"scalar", "per-channel"}
+    assert all(
+        f["fused_us"] > 0 and f["dense_us"] > 0 and f["chosen"] in ("fused", "dense") for f in man["fused"]
+    )
+    sess = Session(tmp_path / "out")
+    for batch in (1, 4):
+        feeds = _feeds(batch)
+        (got,) = sess.run(["Y"], feeds)
+        (ref,) = g.run_ort(model, feeds)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert sess.fallbacks == 0
+
+
+def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
+    """A stored 'fused' decision is rebuilt without timing and runs inside the module."""
+    model, inits = _thresholded_mlp(seed=2)
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(model.SerializeToString())
+    db_path = tmp_path / "db.json"
+    db = TuningDB(db_path)
+    target = host_target()
+    for w, t in ((inits["W0"], inits["T0"]), (inits["W1"], inits["T1"])):
+        key = ak.decision_key(target, w, ak.thresholds(t, w.shape[0]), 1, False)
+        db.put(key, {"weight_shape": list(w.shape), "M": 1, "threshold": "x", "kernel": "act_dense",
+                     "fused_us": 1.0, "dense_us": 2.0, "chosen": "fused"})  # fmt: skip
+    db.save()
+    man = compile_llvm(path, tmp_path / "out", batch_sizes=[1], db_path=db_path, tune_trials=1)
+    assert [f["chosen"] for f in man["fused"]] == ["fused", "fused"]
+    assert all(f["from_db"] for f in man["fused"])
+    feeds = _feeds(1, seed=5)
+    (got,) = Session(tmp_path / "out").run(["Y"], feeds)
+    (ref,) = g.run_ort(model, feeds)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_cuda_kernel_compiles_to_cuda_source(m):
+    import tvm
+
+    from sparsegraph.codegen.cuda_act_kernels import act_cuda_func
+
+    kern = act_cuda_func(m, 2048, 1000)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target:
+        ex = tvm.compile(tvm.IRModule({kern.symbol: kern.prim_func}), target=target)
+    src = ex.mod.imports[0].inspect_source()
+    assert "__ballot_sync" in src and "*(uint4*)" in src  # compaction + 16-byte W loads
+    assert src.count("__global__ void") == 2 * 2  # declarations + definitions of the 2 kernels
+    assert kern.ws_shape == (kern.k_slices, m, 2048)
+
+
+def test_cuda_kernel_rejects_bad_shapes():
+    from sparsegraph.codegen.cuda_act_kernels import act_cuda_func
+
+    with pytest.raises(ValueError, match="M <= 8"):
+        act_cuda_func(9, 64, 64)
+    with pytest.raises(ValueError, match="N % 8"):
+        act_cuda_func(1, 60, 64)
+
+
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_cuda_kernel_matches_torch_on_gpu(m):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    import tvm
+
+    from sparsegraph.codegen.cuda_act_kernels import act_cuda_func
+
+    k, n = 1000, 2048
+    kern = act_cuda_func(m, n, k)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target:
+        fn = tvm.compile(tvm.IRModule({kern.symbol: kern.prim_func}), target=target)[kern.symbol]
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    w = (torch.randn(k, n, generator=gen) / k**0.5).half().cuda()
+    th = (torch.rand(k, generator=gen) * 1.5).cuda()
+    ws = torch.empty(kern.ws_shape, device="cuda")
+    y = torch.empty(m, n, dtype=torch.float16, device="cuda")
+    fn(x, th, w, ws, y)
+    ref = torch.where(x.float().abs() > th, x.float(), 0.0) @ w.float()
+    assert float((y.float() - ref).abs().max()) <= 2e-3 * float(ref.abs().max())
