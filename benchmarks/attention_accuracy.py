@@ -62,6 +62,10 @@ DECODE = {
     "top-k 32 (r=4)": ("topk_attention", {"k": 32, "r": 4}),
     "top-k 64 (r=4)": ("topk_attention", {"k": 64, "r": 4}),
     "top-k 32 (exact scores)": ("topk_attention", {"k": 32}),
+    "top-k 32 (r=4), gather form": (
+        "topk_attention",
+        {"k": 32, "r": 4, "decode_only": False, "mode": "gather"},
+    ),
     "window_sink 32 (4 sinks)": ("kv_cache", {"policy": "window_sink", "budget": 32, "sinks": 4}),
     "window_sink 64 (4 sinks)": ("kv_cache", {"policy": "window_sink", "budget": 64, "sinks": 4}),
     "window_sink 128 (4 sinks)": ("kv_cache", {"policy": "window_sink", "budget": 128, "sinks": 4}),

@@ -298,3 +298,32 @@ def test_shipped_recipes_run(recipe):
     feeds = _feeds("llama_tiny_kv")
     dense = _run(_load("llama_tiny_kv"), feeds)["logits"]
     np.testing.assert_allclose(_run(model, feeds)["logits"], dense, atol=1e-5)  # budgets exceed 16 positions
+
+
+@pytest.mark.parametrize(
+    ("name", "seq", "past"), [("llama_tiny_kv", 1, 12), ("llama_tiny_kv", 11, 5), ("stories", 20, 0)]
+)
+def test_topk_gather_form_equals_mask_form(name, seq, past):
+    """Attention over the k gathered K/V rows == the full attention with the top-k mask
+    (GQA by Expand in the HF export, by broadcasting over a rep axis in the llama2.c one)."""
+    load = (lambda: sg.Model.load(STORIES)) if name == "stories" else (lambda: _load(name))
+    if name == "stories":
+        feeds = {"tokens": np.random.default_rng(0).integers(0, 512, (2, seq))}
+    else:
+        feeds = _feeds(name, seq=seq, past=past, seed=4)
+    outs = {}
+    for mode in ("mask", "gather"):
+        model = load()
+        sg.PassManager([TopKAttention(k=4, r=3, decode_only=False, mode=mode)]).run(model)
+        outs[mode] = _run(model, feeds)
+    dense = _run(load(), feeds)
+    for key in dense:
+        np.testing.assert_allclose(outs["gather"][key], outs["mask"][key], atol=1e-4, rtol=1e-5)
+    assert not np.allclose(outs["gather"]["logits"], dense["logits"], atol=1e-3)
+    model = load()
+    sg.PassManager([TopKAttention(k=64, decode_only=False, mode="gather")]).run(model)
+    gathered = _run(model, feeds)
+    for key in dense:
+        np.testing.assert_allclose(gathered[key], dense[key], atol=1e-4, rtol=1e-5)
+    with pytest.raises(RecipeError, match="decode_only: false"):
+        TopKAttention(k=4, mode="gather")

@@ -65,6 +65,7 @@ class AttentionSite:
     heads: int | None = None
     kv_heads: int | None = None
     head_dim: int | None = None
+    rank: int | None = None  # rank of q (4: [B, H, L, d]; 5: [B, KVH, rep, L, d])
     repeat_kv: bool = False
     past_key: str | None = None
     past_value: str | None = None
@@ -279,6 +280,7 @@ class _SiteFinder:
 
     def _heads(self, site: AttentionSite, qk: gs.Node, pv: gs.Node) -> None:
         q_shape = self.shape(qk.inputs[0])
+        site.rank = len(q_shape) if q_shape else None
         if q_shape and isinstance(q_shape[-1], int):
             site.head_dim = q_shape[-1]
         if q_shape and len(q_shape) == 4 and isinstance(q_shape[1], int):

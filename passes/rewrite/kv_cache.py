@@ -177,10 +177,10 @@ class KVCache(RewritePass):
             "TopK", b.op("Cast", top, to=1), _unsqueeze0(b, kh), n_out=2, axis=-1, largest=0, sorted=1
         )
         top = b.op("Cast", ordered, to=7)
-        tail_shape = b.op("Concat", b.op("Shape", top, end=2), _unsqueeze0(b, r), axis=0)
+        tail_shape = b.op("Concat", b.shape_part(top, 0, 2), _unsqueeze0(b, r), axis=0)
         tail = b.op("Expand", b.op("Range", cand, lk, b.const(1)), tail_shape)
         idx = b.op("Concat", top, tail, axis=-1)  # [B, kvh, kept]
-        gather_shape = b.op("Concat", b.op("Shape", idx), b.op("Shape", full_k, start=3), axis=0)
+        gather_shape = b.op("Concat", b.op("Shape", idx), b.shape_part(full_k, 3), axis=0)
         idx4 = b.op("Expand", b.op("Unsqueeze", idx, b.const([-1])), gather_shape)
         bounded = [b.op("GatherElements", t, idx4, axis=2) for t in (full_k, full_v)]
         kept = b.op("GatherElements", acc, idx, axis=2)

@@ -193,6 +193,13 @@ class OpBuilder:
         """`tensor.shape[axis]` as an int64 scalar."""
         return self.op("Gather", self.op("Shape", tensor), self.const(axis), axis=0)
 
+    def shape_part(self, tensor: gs.Tensor, start: int, end: int | None = None) -> gs.Variable:
+        """`tensor.shape[start:end]` as int64 [n] (Slice of Shape: opset 13 has no Shape start/end)."""
+        end = np.iinfo(np.int64).max if end is None else end
+        return self.op(
+            "Slice", self.op("Shape", tensor), self.const([start]), self.const([end]), self.const([0])
+        )
+
     def positions(self, logits: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable, gs.Variable]:
         """(query positions [Lq, 1], key positions [1, Lk], Lq, Lk) of a `[..., Lq, Lk]` tensor."""
         lq, lk = self.dim(logits, -2), self.dim(logits, -1)
