@@ -8,6 +8,8 @@ import tvm
 
 from sparsegraph.codegen import attention_kernels as ak
 
+import graphs as g
+
 MIN = np.finfo(np.float32).min
 CUDA = {"kind": "cuda", "arch": "sm_90"}
 
@@ -116,3 +118,138 @@ def test_cuda_kernel_matches_numpy(name):
     np.testing.assert_allclose(
         k(q, kt, v).astype(np.float32), ak.reference(q, kt, v, bias, k.scale), atol=1e-2
     )
+
+
+# ----------------------------------------------------------------------------- compile rewrite
+
+
+def attention_model(
+    seq: int | None, window: int | None, d_model: int = 32, heads: int = 2, kv_heads: int = 1
+):
+    """One GQA attention layer ``Y = attn(X Wq, X Wk, X Wv) Wo`` on X[batch, seq, d_model] with a
+    causal mask built from the input's shape (Shape/Range/Where, as exporters do) and, when
+    `window` is set, an extra constant additive window mask (0 kept, float32 min dropped)
+    right before the Softmax; `seq` None = symbolic."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    d = d_model // heads
+    w = {
+        "Wq": rng.standard_normal((d_model, heads * d)) / np.sqrt(d_model),
+        "Wk": rng.standard_normal((d_model, kv_heads * d)) / np.sqrt(d_model),
+        "Wv": rng.standard_normal((d_model, kv_heads * d)) / np.sqrt(d_model),
+        "Wo": rng.standard_normal((heads * d, d_model)) / np.sqrt(d_model),
+        "qshape": np.array([0, 0, heads, d]),
+        "kshape": np.array([0, 0, kv_heads, d]),
+        "oshape": np.array([0, 0, heads * d]),
+        "one": np.array(1, np.int64),
+        "zero": np.array(0, np.int64),
+        "scale": np.array(np.sqrt(d), np.float32),
+        "neg": np.array(MIN, np.float32),
+    }
+    w = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in w.items()}
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["X", "Wq"], ["q0"]),
+        n("MatMul", ["X", "Wk"], ["k0"]),
+        n("MatMul", ["X", "Wv"], ["v0"]),
+        n("Reshape", ["q0", "qshape"], ["q1"]),
+        n("Reshape", ["k0", "kshape"], ["k1"]),
+        n("Reshape", ["v0", "kshape"], ["v1"]),
+        n("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3]),
+        n("Transpose", ["k1"], ["kt"], perm=[0, 2, 3, 1]),
+        n("Transpose", ["v1"], ["v"], perm=[0, 2, 1, 3]),
+        n("MatMul", ["q", "kt"], ["s0"]),
+        n("Div", ["s0", "scale"], ["s1"]),
+        n("Shape", ["X"], ["xs"]),
+        n("Gather", ["xs", "one"], ["L"], axis=0),
+        n("Range", ["zero", "L", "one"], ["pos"]),
+        n("Unsqueeze", ["pos", "one"], ["rows"]),
+        n("LessOrEqual", ["pos", "rows"], ["causal"]),
+        n("Where", ["causal", "s1", "neg"], ["s2"]),
+    ]
+    last = "s2"
+    if window is not None:
+        i, j = np.ogrid[:seq, :seq]
+        w["window"] = np.where((i - j < window) | (j < 4), 0, MIN).astype(np.float32)
+        nodes.append(n("Add", ["s2", "window"], ["s3"]))
+        last = "s3"
+    nodes += [
+        n("Softmax", [last], ["p"], axis=-1),
+        n("MatMul", ["p", "v"], ["o0"]),
+        n("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["o1", "oshape"], ["o2"]),
+        n("MatMul", ["o2", "Wo"], ["Y"]),
+    ]
+    f = TensorProto.FLOAT
+    x = helper.make_tensor_value_info("X", f, ["batch", seq if seq else "seq", d_model])
+    y = helper.make_tensor_value_info("Y", f, ["batch", seq if seq else "seq", d_model])
+    return g.make_model(nodes, [x], [y], w, name="attention")
+
+
+@pytest.mark.parametrize("window", [None, 48])
+def test_compiled_attention_matches_onnxruntime(tmp_path, window):
+    import onnx
+
+    from sparsegraph.codegen.llvm_compile import compile_llvm
+    from sparsegraph.runtime import Session
+
+    L = 256
+    model = attention_model(L if window else None, window)
+    path = tmp_path / "attn.onnx"
+    onnx.save(model, str(path))
+    manifest = compile_llvm(path, tmp_path / "out", batch_sizes=[2], seq_len=L, db_path=tmp_path / "db.json")
+    sites = [r for r in manifest["fused"] if r["technique"] == "sparse_attention"]
+    assert len(sites) == 1 and sites[0]["rewritten"], sites
+    site = sites[0]
+    assert (site["heads"], site["kv_heads"], site["lq"], site["block"]) == (
+        4,
+        2,
+        L,
+        64,
+    )  # batch 2 x 2 heads, GQA
+    nqb = L // 64
+    causal_kept = nqb * (nqb + 1) // 2
+    assert site["blocks_total"] == nqb * nqb
+    if window is None:
+        assert site["blocks_kept"] == causal_kept and site["partial_blocks"] == nqb
+    else:
+        assert site["blocks_kept"] < causal_kept  # the window drops whole blocks below the diagonal
+    x = np.random.default_rng(0).standard_normal((2, L, 32)).astype(np.float32)
+    (ref,) = g.run_ort(model, {"X": x})
+    (got,) = Session(tmp_path / "out").run(None, {"X": x})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_from_an_input_is_declined_and_reported():
+    from onnx import TensorProto, helper
+
+    from sparsegraph.codegen import relax_build
+    from sparsegraph.codegen.attention_rewrite import sparse_attention
+    from sparsegraph.codegen.rewrites import RewriteContext
+    from sparsegraph.codegen.target import host_target
+
+    f = TensorProto.FLOAT
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["Q", "Kt"], ["s"]),
+        n("Add", ["s", "M"], ["sm"]),
+        n("Softmax", ["sm"], ["p"], axis=-1),
+        n("MatMul", ["p", "V"], ["Y"]),
+    ]
+    shapes = {"Q": [1, 2, 64, 16], "Kt": [1, 2, 16, 64], "V": [1, 2, 64, 16], "M": [1, 1, 64, 64]}
+    ins = [helper.make_tensor_value_info(k, f, s) for k, s in shapes.items()]
+    model = g.make_model(nodes, ins, [helper.make_tensor_value_info("Y", f, [1, 2, 64, 16])], {})
+    mod = tvm.IRModule({"main_t": relax_build.import_bucket(model, shapes)})
+    ctx = RewriteContext(host_target(), False, None)
+    out = sparse_attention(ctx)(mod)
+    assert ctx.decisions == [
+        {
+            "technique": "sparse_attention",
+            "function": "main_t",
+            "rewritten": False,
+            "reason": ctx.decisions[0]["reason"],
+        }
+    ]
+    assert "not a constant mask" in ctx.decisions[0]["reason"]
+    assert "call_tir" not in out.script()
