@@ -20,7 +20,8 @@ same values as gathering the r channels. Two forms of step 3:
 - `mode: gather`: the chosen K and V rows are gathered (`GatherND` with batch dims) and
   exact attention runs on those `k` rows only, `softmax(q·K[idx]ᵀ + mask[idx]) · V[idx]`,
   replacing the site's Q·Kᵀ / Softmax / P·V. Every step selects (prefill queries too,
-  each its own k keys), so it needs `decode_only: false`.
+  each its own k keys), so it needs `decode_only: false`. The gathered site is no longer
+  one the `attention` analysis recognises, so run `kv_cache` before it, not after.
 
 SparQ's mean-value reallocation is not applied.
 """
