@@ -224,6 +224,25 @@ def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
                 f"| `{op['op']}` | {op['role'] or '–'} | {m} | {d['label']} | {d['seconds'] * 1e6:.1f} "
                 f"| {d['dense_seconds'] * 1e6:.1f} | {cands}{' (from tuning DB)' if d['from_db'] else ''} |"
             )
+    if cg.get("fused"):
+        lines += [
+            "",
+            "Fused kernels (activation-sparse threshold + matmul; fused timed at the assumed activation "
+            "sparsity and with every channel active, µs per call):",
+            "",
+            "| bucket | weight K x N | M | threshold | act. sparsity | fused µs | all active µs | dense µs "
+            "| chosen |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for f in cg["fused"]:
+            cal = f.get("calibrated_sparsity")
+            assumed = f["assumed_activation_sparsity"]
+            s = f"{cal:.0%} calibrated" if cal is not None else f"{assumed:.0%} assumed"
+            lines.append(
+                f"| {f.get('bucket', '–')} | {f['weight_shape'][0]}x{f['weight_shape'][1]} | {f['M']} "
+                f"| {f['threshold']} | {s} | {f['fused_us']:.1f} | {f['fused_all_active_us']:.1f} "
+                f"| {f['dense_us']:.1f} ({f['dense_kernel']}) | {f['chosen']} |"
+            )
     return lines
 
 

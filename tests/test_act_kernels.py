@@ -10,6 +10,7 @@ from sparsegraph.codegen import act_kernels as ak
 from sparsegraph.codegen.dispatch import TuningDB
 from sparsegraph.codegen.llvm_compile import compile_llvm
 from sparsegraph.codegen.target import has_avx512, host_target
+from sparsegraph.report import _codegen_markdown
 from sparsegraph.runtime import Session
 
 import graphs as g
@@ -151,12 +152,16 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
     target = host_target()
     for w, t in ((inits["W0"], inits["T0"]), (inits["W1"], inits["T1"])):
         key = ak.decision_key(target, w, ak.thresholds(t, w.shape[0]), 1, False)
-        db.put(key, {"weight_shape": list(w.shape), "M": 1, "threshold": "x", "kernel": "act_dense",
-                     "fused_us": 1.0, "dense_us": 2.0, "chosen": "fused"})  # fmt: skip
+        db.put(key, {"weight_shape": list(w.shape), "M": 1, "threshold": "scalar", "kernel": "act_dense",
+                     "weight_sparsity": 0.0, "assumed_activation_sparsity": 0.5, "calibrated_sparsity": None,
+                     "fused_us": 1.0, "fused_all_active_us": 2.0, "dense_kernel": "dense", "dense_us": 2.0,
+                     "chosen": "fused"})  # fmt: skip
     db.save()
     man = compile_llvm(path, tmp_path / "out", batch_sizes=[1], db_path=db_path, tune_trials=1)
     assert [f["chosen"] for f in man["fused"]] == ["fused", "fused"]
     assert all(f["from_db"] for f in man["fused"])
+    md = "\n".join(_codegen_markdown(man))
+    assert "Fused kernels" in md and md.count("| fused |") == 2
     feeds = _feeds(1, seed=5)
     (got,) = Session(tmp_path / "out").run(["Y"], feeds)
     (ref,) = g.run_ort(model, feeds)
