@@ -506,6 +506,7 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
     t_s, t_0, kern = fused[best]
     ok = t_s < dense_s[best_base] and t_0 * GUARD <= dense_s[best_base]
     rec = {
+        "technique": "activation_sparsity",
         "weight_shape": [k, n],
         "M": m,
         "threshold": kind,

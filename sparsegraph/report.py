@@ -224,7 +224,8 @@ def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
                 f"| `{op['op']}` | {op['role'] or '–'} | {m} | {d['label']} | {d['seconds'] * 1e6:.1f} "
                 f"| {d['dense_seconds'] * 1e6:.1f} | {cands}{' (from tuning DB)' if d['from_db'] else ''} |"
             )
-    if cg.get("fused"):
+    act = [f for f in cg.get("fused", []) if f.get("technique") == "activation_sparsity"]
+    if act:
         lines += [
             "",
             "Fused kernels (activation-sparse threshold + matmul; fused timed at the assumed activation "
@@ -234,7 +235,7 @@ def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
             "| chosen |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for f in cg["fused"]:
+        for f in act:
             cal = f.get("calibrated_sparsity")
             assumed = f["assumed_activation_sparsity"]
             s = f"{cal:.0%} calibrated" if cal is not None else f"{assumed:.0%} assumed"

@@ -122,6 +122,7 @@ def test_compiled_model_with_where_pattern_matches_onnxruntime(tmp_path):
         path, tmp_path / "out", batch_sizes=[1, 4], db_path=tmp_path / "db.json", tune_trials=1
     )
     # one measured decision per (weight, bucket), each with both timings
+    man["fused"] = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
     assert len(man["fused"]) == 4
     assert {(tuple(f["weight_shape"]), f["M"]) for f in man["fused"]} == {
         ((64, 128), 1),
@@ -152,12 +153,14 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
     target = host_target()
     for w, t in ((inits["W0"], inits["T0"]), (inits["W1"], inits["T1"])):
         key = ak.decision_key(target, w, ak.thresholds(t, w.shape[0]), 1, False)
-        db.put(key, {"weight_shape": list(w.shape), "M": 1, "threshold": "scalar", "kernel": "act_dense",
+        db.put(key, {"technique": "activation_sparsity", "weight_shape": list(w.shape), "M": 1,
+                     "threshold": "scalar", "kernel": "act_dense",
                      "weight_sparsity": 0.0, "assumed_activation_sparsity": 0.5, "calibrated_sparsity": None,
                      "fused_us": 1.0, "fused_all_active_us": 2.0, "dense_kernel": "dense", "dense_us": 2.0,
                      "chosen": "fused"})  # fmt: skip
     db.save()
     man = compile_llvm(path, tmp_path / "out", batch_sizes=[1], db_path=db_path, tune_trials=1)
+    man["fused"] = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
     assert [f["chosen"] for f in man["fused"]] == ["fused", "fused"]
     assert all(f["from_db"] for f in man["fused"])
     md = "\n".join(_codegen_markdown(man))
