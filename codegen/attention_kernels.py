@@ -201,6 +201,7 @@ class AttentionKernel:
     scale: float
     mdiv: int
     prim_func: Any
+    io_dtype: str = "float32"  # dtype of Q, Kt, V, O
     executable: Any = None
 
     @property
@@ -213,7 +214,7 @@ class AttentionKernel:
 
     @property
     def dtype(self) -> str:
-        return "float16" if self.target_kind == "cuda" else "float32"
+        return self.io_dtype
 
     def __call__(self, q, kt, v, device=None):
         """Run on numpy inputs (or framework tensors on `device`); returns O as numpy."""
@@ -235,10 +236,13 @@ def build_attention(
     scale: float | None = None,
     mdiv: int | None = None,
     target: Any = None,
+    io_dtype: str | None = None,
     compile: bool = True,
 ) -> AttentionKernel:
     """Block-sparse attention kernel for `layout` (see the module docstring) on an llvm or
-    CUDA `target` (host CPU by default); `compile=False` returns it unbuilt (for a Relax call_tir)."""
+    CUDA `target` (host CPU by default); `compile=False` returns it unbuilt (for a Relax call_tir).
+    `io_dtype` (Q, Kt, V, O): llvm float32 only; CUDA float16 (default) or float32 (staged in
+    shared memory as float16, like the float16 kernel; math in float32 either way)."""
     if target is None:
         from .target import host_target
 
@@ -271,10 +275,16 @@ def build_attention(
             raise ValueError(
                 f"CUDA kernel needs block 64 and D, Dv multiples of 8; got {layout.bs}, {d}, {dv}"
             )
-        prim = _cuda_func(*args)
+        io_dtype = io_dtype or "float16"
+        if io_dtype not in ("float16", "float32"):
+            raise ValueError(f"CUDA kernel takes float16 or float32; got {io_dtype}")
+        prim = _cuda_func(*args, io_dtype)
     elif kind == "llvm":
         if layout.bs % 16:
             raise ValueError(f"llvm kernel needs a block that is a multiple of 16; got {layout.bs}")
+        io_dtype = io_dtype or "float32"
+        if io_dtype != "float32":
+            raise ValueError(f"llvm kernel takes float32; got {io_dtype}")
         prim = _cpu_func(*args)
     else:
         raise ValueError(f"no attention kernel for target kind {kind!r}")
@@ -282,7 +292,7 @@ def build_attention(
     sym = f"sg_attn_{kind}_{label}_{next(_COUNTER)}"
     prim = prim.with_attr("global_symbol", sym)
     shape = {"nq": nq, "nk": nk, "lq": layout.lq, "lk": layout.lk, "d": d, "dv": dv}
-    kernel = AttentionKernel(kind, shape, layout, scale, mdiv, prim)
+    kernel = AttentionKernel(kind, shape, layout, scale, mdiv, prim, io_dtype)
     if compile:
         with target:
             kernel.executable = tvm.compile(tvm.IRModule({sym: prim}), target=target)
@@ -421,7 +431,7 @@ def _cpu_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
 # --------------------------------------------------------------------------- CUDA
 
 
-def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
+def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale, IO):
     NQB = LQ // BS
     G = NQ // NK
     QS = D + 8  # padded smem row strides (halves): the 4 rows a warp reads hit distinct banks
@@ -429,18 +439,19 @@ def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
     KV = max(D * BS, BS * DV)
     CJ = BS // 8  # S columns per thread: tx + 8 * j
     CO = DV // 8  # O columns per thread: tx + 8 * c
+    VW = 8 if IO == "float16" else 4  # elements per 16-byte global load
     sc = float(scale)
 
     @T.prim_func
     def main(
-        Q: T.Buffer((NQ, LQ, D), "float16"),
-        Kt: T.Buffer((NK, D, LK), "float16"),
-        V: T.Buffer((NK, LK, DV), "float16"),
+        Q: T.Buffer((NQ, LQ, D), IO),
+        Kt: T.Buffer((NK, D, LK), IO),
+        V: T.Buffer((NK, LK, DV), IO),
         PTR: T.Buffer((NQ // MDIV * NQB + 1,), "int32"),
         KB: T.Buffer((E,), "int32"),
         PI: T.Buffer((E,), "int32"),
         BT: T.Buffer((P, BS, BS), "float32"),
-        Out: T.Buffer((NQ, LQ, DV), "float16"),
+        Out: T.Buffer((NQ, LQ, DV), IO),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for bx in T.thread_binding(NQ * NQB, thread="blockIdx.x"):
@@ -462,12 +473,12 @@ def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
                     kv = T.meta_var(bx // NQB // G)
                     row = T.meta_var(bx // NQB // MDIV * NQB + bx % NQB)
                     tid = T.meta_var(ty * 8 + tx)
-                    for it in range(BS * D // 8 // 128):
+                    for it in range(BS * D // VW // 128):
                         ch = T.meta_var(it * 128 + tid)
-                        for v in T.vectorized(8):
-                            Qs[ch // (D // 8) * QS + ch % (D // 8) * 8 + v] = Q[
-                                n, qb * BS + ch // (D // 8), ch % (D // 8) * 8 + v
-                            ]
+                        for v in T.vectorized(VW):
+                            Qs[ch // (D // VW) * QS + ch % (D // VW) * VW + v] = T.Cast(
+                                "float16", Q[n, qb * BS + ch // (D // VW), ch % (D // VW) * VW + v]
+                            )
                     for i in T.unroll(4):
                         mr[i] = T.float32(-1e30)
                         lr[i] = T.float32(0)
@@ -476,10 +487,12 @@ def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
                     for e in range(PTR[row], PTR[row + 1]):
                         k0 = T.meta_var(KB[e] * BS)
                         T.tvm_storage_sync("shared")
-                        for it in range(D * BS // 8 // 128):
+                        for it in range(D * BS // VW // 128):
                             ch = T.meta_var(it * 128 + tid)
-                            for v in T.vectorized(8):
-                                KVs[ch * 8 + v] = Kt[kv, ch // (BS // 8), k0 + ch % (BS // 8) * 8 + v]
+                            for v in T.vectorized(VW):
+                                KVs[ch * VW + v] = T.Cast(
+                                    "float16", Kt[kv, ch // (BS // VW), k0 + ch % (BS // VW) * VW + v]
+                                )
                         T.tvm_storage_sync("shared")
                         for i in T.unroll(4):
                             for j in T.unroll(CJ):
@@ -500,10 +513,12 @@ def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
                                 for j in T.unroll(CJ):
                                     sacc[i * CJ + j] = sacc[i * CJ + j] + BT[PI[e], ty + 16 * i, tx + 8 * j]
                         T.tvm_storage_sync("shared")
-                        for it in range(BS * DV // 8 // 128):
+                        for it in range(BS * DV // VW // 128):
                             ch = T.meta_var(it * 128 + tid)
-                            for v in T.vectorized(8):
-                                KVs[ch * 8 + v] = V[kv, k0 + ch // (DV // 8), ch % (DV // 8) * 8 + v]
+                            for v in T.vectorized(VW):
+                                KVs[ch * VW + v] = T.Cast(
+                                    "float16", V[kv, k0 + ch // (DV // VW), ch % (DV // VW) * VW + v]
+                                )
                         for i in T.unroll(4):
                             red[0] = mr[i]
                             for j in T.unroll(CJ):
@@ -548,8 +563,6 @@ def _cuda_func(NQ, NK, LQ, LK, D, DV, BS, MDIV, E, P, scale):
                                     )
                     for i in T.unroll(4):
                         for c in T.unroll(CO):
-                            Out[n, qb * BS + ty + 16 * i, tx + 8 * c] = T.Cast(
-                                "float16", oacc[i * CO + c] / lr[i]
-                            )
+                            Out[n, qb * BS + ty + 16 * i, tx + 8 * c] = T.Cast(IO, oacc[i * CO + c] / lr[i])
 
     return main

@@ -12,7 +12,8 @@ of
 
 The chain is folded into ``scale * Q Kt + bias`` with one constant bias; `BlockLayout.from_bias`
 lists the kept (query block, key block) tiles, and the subgraph becomes one ``call_tir`` to
-`attention_kernels.build_attention` (llvm: float32; CUDA: float16), with Q, Kt, V reshaped
+`attention_kernels.build_attention` (llvm: float32; CUDA: float16, or float32 staged in
+float16), with Q, Kt, V reshaped
 to ``[heads, L, d]``. GQA is recognised when K/V's leading dims equal the output's up to
 trailing ones (e.g. ``[1, Hkv, 1]`` vs ``[1, Hkv, G]``); other broadcasts are materialised.
 Declined sites (mask depends on inputs, a row drops every key, no block size divides L,
@@ -173,9 +174,9 @@ class _Rewriter(relax.PyExprMutator):
 
     def _emit(self, site: Site, call, record: dict[str, Any]):
         dtype = str(call.ty.dtype)
-        want = "float16" if self.kind == "cuda" else "float32"
-        if dtype != want or str(site.q.ty.dtype) != want:
-            raise Decline(f"{self.kind} kernel takes {want}; attention is {dtype}")
+        want = ("float16", "float32") if self.kind == "cuda" else ("float32",)
+        if dtype not in want or {str(e.ty.dtype) for e in (site.q, site.kt, site.v)} != {dtype}:
+            raise Decline(f"{self.kind} kernel takes {' or '.join(want)}; attention is {dtype}")
         out_shape = _shape(call)
         qs, ks, vs = _shape(site.q), _shape(site.kt), _shape(site.v)
         lead, (lq, dv), d, lk = out_shape[:-2], out_shape[-2:], qs[-1], ks[-1]
@@ -200,12 +201,12 @@ class _Rewriter(relax.PyExprMutator):
             raise Decline(f"no block size in {BLOCKS} divides {lq}x{lk}")
         bias = np.ascontiguousarray(bias.reshape(n_slices, lq, lk))
         digest = hashlib.sha1(bias.tobytes()).hexdigest()
-        key = (nq, nk, d, dv, site.scale, mdiv, blocks[0], bias.shape, digest)
+        key = (nq, nk, d, dv, site.scale, mdiv, blocks[0], bias.shape, digest, dtype)
         if key not in self._kernels:
             try:
                 layout = ak.BlockLayout.from_bias(bias, blocks[0])
                 kernel = ak.build_attention(
-                    layout, nq, nk, d, dv, scale=site.scale, mdiv=mdiv, target=self.ctx.target, compile=False
+                    layout, nq, nk, d, dv, site.scale, mdiv, self.ctx.target, io_dtype=dtype, compile=False
                 )
             except ValueError as exc:
                 raise Decline(str(exc)) from None
