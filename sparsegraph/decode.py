@@ -2,12 +2,12 @@
 
 `KVDecoder(model)` finds the model's state pairs (past input → present output): from the
 `sparsegraph.kv_cache` metadata a `kv_cache` rewrite leaves (which also lists its score
-states), else from the `attention` analysis. The other inputs are found by data flow: the
-token ids (`find_token_input`), the position ids (an integer input that reaches a
-`Sin`/`Cos`, i.e. RoPE) and the attention mask (any other integer input). Each `step`
-feeds the tokens, absolute positions `seen .. seen + S - 1`, a mask of ones over the
-current cache plus the new tokens (whatever length the cache has after eviction), and the
-states, then stores the presents as the next pasts. Rows are unpadded.
+states), else the `Concat`s of a graph input that are graph outputs. The other inputs are
+found by data flow: the token ids (`find_token_input`), the position ids (an integer input
+that reaches a `Sin`/`Cos`, i.e. RoPE) and the attention mask (any other integer input).
+Each `step` feeds the tokens, absolute positions `seen .. seen + S - 1`, a mask of ones
+over the current cache plus the new tokens (whatever length the cache has after
+eviction), and the states, then stores the presents as the next pasts. Rows are unpadded.
 
     dec = KVDecoder("model.onnx", batch=1)
     for t in ids:                      # teacher forcing, one token a step
@@ -26,7 +26,6 @@ import onnxruntime as ort
 
 from .errors import UsageError
 from .eval.perplexity import find_token_input
-from .model import Model
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -49,18 +48,18 @@ def _reaches(model: onnx.ModelProto, name: str, ops: set[str], limit: int = 64) 
 
 
 def state_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(past input, present output) pairs of a KV-cache model, in graph order."""
+    """(past input, present output) pairs of a KV-cache model, in graph order: from the
+    `kv_cache` metadata, else every `Concat` of a graph input whose output is a graph output."""
     meta = {p.key: p.value for p in model.metadata_props}
     if "sparsegraph.kv_cache" in meta:
         return [tuple(p) for p in json.loads(meta["sparsegraph.kv_cache"])["states"]]
-    from .pass_manager import PassContext
-    from .passes.analysis.attention import Attention
-
-    finding = PassContext().get(Attention, Model.from_proto(model))
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
     pairs = []
-    for s in finding.sites:
-        if s.has_kv_cache:
-            pairs += [(s.past_key, s.present_key), (s.past_value, s.present_value)]
+    for node in model.graph.node:
+        past = [i for i in node.input if i in inputs]
+        if node.op_type == "Concat" and len(past) == 1 and node.output[0] in outputs:
+            pairs.append((past[0], node.output[0]))
     if not pairs:
         raise UsageError("model has no KV cache (no past input concatenated into a present output)")
     return pairs

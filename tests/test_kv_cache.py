@@ -124,3 +124,17 @@ def test_errors():
         )
     with pytest.raises(RecipeError, match="sinks"):
         KVCache(policy="window_sink", budget=4, sinks=5)
+
+
+def test_decoder_finds_the_cache_without_attention_sites():
+    """After topk_attention's gather form the sites are no longer Softmax sites; the decoder
+    still pairs each past input with its present output (Concat of a graph input)."""
+    from sparsegraph.passes.rewrite.topk_attention import TopKAttention
+
+    logits = {}
+    for mode in ("mask", "gather"):
+        model = _kv_model()
+        sg.PassManager([TopKAttention(k=3, r=4, decode_only=False, mode=mode)]).run(model)
+        logits[mode], lengths, _ = _decode(model)
+    np.testing.assert_allclose(logits["gather"], logits["mask"], atol=1e-5)
+    assert lengths[-1] == IDS.shape[1]
