@@ -1,0 +1,504 @@
+"""Sparse decode kernels for CUDA: ``Y[M, N] = X[M, K] @ W.T`` for M = 1..16, W in fp16.
+
+W comes in the canonical orientation ``W[N, K]`` (see `formats`). Every kernel stores W's
+values in fp16 (accumulating in fp32) whatever X's dtype (float16 or float32; Y has X's
+dtype), is specialised on (M, N, K, pattern sizes) and is written directly as a scheduled
+TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
+
+* X is staged once per thread block into shared memory as fp16, transposed to
+  ``xs[k * MG + m]`` so one nonzero's M activations are one vector load. When
+  ``K * M * 2`` bytes would not fit (``SMEM_LIMIT``), M is cut into groups of MG rows and
+  a second grid dimension runs the groups (W is then read once per group).
+* ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): one warp per output row (``rpw`` rows per
+  warp, strided over the grid), ``wpb`` warps per block. A lane takes chunks of 8 stored
+  entries of its row (lane, lane + 32, ...): one 16-byte load of 8 fp16 values, their 8
+  columns decoded from the format's index -- ``csr``: 8 uint16 columns (16-byte load);
+  ``dcsr`` (`formats.DeltaCSR`): a uint16 base plus 8 4-bit steps (2 + 4 bytes); ``nm``
+  (n:4, `formats.NM`): the group from the position in the row plus 8 2-bit positions
+  (2 bytes) -- then 8 x M FMAs with X from shared memory. ``unroll`` chunks are loaded
+  before the first FMA. Partial sums are reduced with warp shuffles; lane 0 writes.
+* ``bsr`` (`formats.BSR` with blocks r x c, c % 8 == 0, r | 32): one warp per block row,
+  ``32 / r`` lanes per row of the block, each taking 8 contiguous values of a block (one
+  16-byte load; a warp reads whole blocks contiguously) and the matching 8 columns of X.
+* ``dense``: TVM's own GEMV / low-batch GEMV / matmul schedules (dlight) on fp16 W, the
+  baseline the sparse kernels are dispatched against.
+
+Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75; 2:4 nm 1.125
+per dense entry; bsr 2 per block entry. Decode at M = 1 is bound by these bytes (the
+kernels are written so that each warp issues 16-byte loads only), so the best a kernel
+can do against a dense GEMV is dense bytes / its bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from sparsegraph.codegen import formats as fmts
+
+__all__ = ["SCHEDULE_SPACE", "CUDAKernel", "Packed", "build", "candidates", "cuda_target", "pack"]
+
+WARP = 32
+SMEM_LIMIT = 200 * 1024  # bytes of shared memory a kernel stages X into (H100: 227 KB per block)
+SMEM_PER_SM = 228 * 1024
+MAX_M = 16
+_SYMBOLS = itertools.count()
+
+#: schedules tried per format (first = default); rpw 0 = one persistent wave of blocks
+_ROW_SCHEDULES = [
+    {"wpb": 8, "rpw": 0, "unroll": 2},
+    {"wpb": 16, "rpw": 0, "unroll": 4},
+    {"wpb": 8, "rpw": 1, "unroll": 2},
+    {"wpb": 32, "rpw": 0, "unroll": 2},
+]
+SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
+    f: _ROW_SCHEDULES for f in ("dense", "csr", "dcsr", "nm", "bsr")
+}
+
+
+def cuda_target(arch: str = "sm_90") -> tvm.target.Target:
+    """A CUDA target whose shared-memory limit admits the kernels' staging buffers."""
+    return tvm.target.Target(
+        {
+            "kind": "cuda",
+            "arch": arch,
+            "max_shared_memory_per_block": 232448,
+            "max_threads_per_block": 1024,
+            "thread_warp_size": 32,
+        }
+    )
+
+
+@dataclass(eq=False)
+class CUDAKernel:
+    """One kernel for one (M, N, K, W): signature ``(X, *weights, Y)``."""
+
+    format: str
+    shape: tuple[int, int, int]  # (M, N, K)
+    prim_func: Any
+    weights: dict[str, np.ndarray]
+    symbol: str
+    x_dtype: str
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of W the kernel reads (every packed array)."""
+        return sum(int(a.nbytes) for a in self.weights.values())
+
+    @property
+    def label(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.schedule.items())
+        return f"{self.format}({extra})" if extra else self.format
+
+    def compile(self, target: Any = None) -> Any:
+        """The kernel alone, compiled (callable as ``ex[symbol](x, *weights, y)``)."""
+        target = target or cuda_target()
+        mod = tvm.IRModule({self.symbol: self.prim_func})
+        with target:
+            return tvm.compile(mod, target=target)
+
+    def source(self, target: Any = None) -> str:
+        """The generated CUDA C source (no GPU needed)."""
+        return self.compile(target).mod.imports[0].inspect_source()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _m_group(m: int, k: int) -> tuple[int, int]:
+    """(MG, groups): rows of X staged per block (a power of two) and how many groups."""
+    mp = 1 << (m - 1).bit_length()
+    mg = mp
+    while mg > 1 and k * mg * 2 > SMEM_LIMIT:
+        mg //= 2
+    if k * 2 > SMEM_LIMIT:
+        raise fmts.UnfitError(f"K = {k} too large to stage X in shared memory ({SMEM_LIMIT} bytes)")
+    return mg, -(-m // mg)
+
+
+def _stage_x_macro(M, K, MG, NT):
+    """Macro: the cooperative copy of X rows [by*MG, by*MG + MG) into xs[k * MG + m] (fp16);
+    one row (MG = 1) is copied 8 elements per thread and step."""
+
+    @T.macro
+    def stage(x, xs, by, ty, tx):
+        if MG == 1:
+            for it in range((K // 8 + NT - 1) // NT):
+                if it * NT + ty * WARP + tx < K // 8:
+                    for v in T.vectorized(8):
+                        xs[(it * NT + ty * WARP + tx) * 8 + v] = T.Cast(
+                            "float16", x[by, (it * NT + ty * WARP + tx) * 8 + v]
+                        )
+        else:
+            for it in range((K * MG + NT - 1) // NT):
+                if it * NT + ty * WARP + tx < K * MG:
+                    if by * MG + (it * NT + ty * WARP + tx) % MG < M:
+                        xs[it * NT + ty * WARP + tx] = T.Cast(
+                            "float16",
+                            x[by * MG + (it * NT + ty * WARP + tx) % MG, (it * NT + ty * WARP + tx) // MG],
+                        )
+                    else:
+                        xs[it * NT + ty * WARP + tx] = T.float16(0)
+        T.tvm_storage_sync("shared.dyn")
+
+    return stage
+
+
+def _symbol(fmt: str, m: int, n: int, k: int) -> str:
+    return f"sg_cuda_{fmt}_m{m}_n{n}_k{k}_{next(_SYMBOLS)}"
+
+
+# --------------------------------------------------------------------------- row kernel
+
+
+def _grid(units: int, wpb: int, rpw: int, smem: int, sms: int) -> tuple[int, int]:
+    """(blocks, rows per warp). ``rpw = 0``: one wave of as many blocks as fit on the GPU at
+    once (shared memory and threads permitting), each warp looping over its rows, so X is
+    staged once per resident block rather than once per `wpb` rows."""
+    if rpw:
+        return -(-units // (wpb * rpw)), rpw
+    per_sm = max(1, min(2048 // (wpb * WARP), SMEM_PER_SM // max(smem, 1), 32))
+    blocks = min(-(-units // wpb), sms * per_sm)
+    return blocks, -(-units // (blocks * wpb))
+
+
+def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=2, block=(1, 8), NB=0):
+    """The kernel of every format (see the module docstring): one warp per output row.
+
+    A row's stored entries are chunks of 8 (`S` entries in all); chunk q of a row holds
+    values ``vals[value_index(q) : +8]`` at columns ``column(q, v)``, v = 0..7.
+    """
+    MG, NG = _m_group(M, K)
+    NT = wpb * WARP
+    NBLK, RPW = _grid(N, wpb, rpw, K * MG * 2, sms)
+    TW = NBLK * wpb
+    r, c = block
+    CPB = c // 8  # bsr: chunks per block
+    CPR = K // 4 * nm_n // 8 if fmt == "nm" else K // 8  # nm / dense: chunks per row
+    CONTIG = fmt in ("bsr", "dense")  # a chunk's 8 columns are consecutive
+    XV = min(MG, 8)
+    stage = _stage_x_macro(M, K, MG, NT)
+
+    def first_chunk(ptr, row):
+        if fmt == "bsr":
+            return ptr[row // r] * CPB
+        if fmt in ("nm", "dense"):
+            return row * CPR
+        return ptr[row]
+
+    def chunks(ptr, row):
+        if fmt == "bsr":
+            return (ptr[row // r + 1] - ptr[row // r]) * CPB
+        if fmt in ("nm", "dense"):
+            return CPR
+        return ptr[row + 1] - ptr[row]
+
+    def value_index(ptr, row, q):
+        if fmt == "bsr":  # data [B, r, c]: row (row % r) of block (first + q // CPB)
+            return ((ptr[row // r] + q // CPB) * r + row % r) * c + q % CPB * 8
+        return (first_chunk(ptr, row) + q) * 8
+
+    def column(idx, deltas, ptr, row, q, v):
+        """Column of entry v of chunk q, an expression of the format arrays (vector loads
+        of xs need an index that is not a local variable)."""
+        ch = first_chunk(ptr, row) + q
+        if fmt == "csr":
+            return T.Cast("int32", idx[ch * 8 + v])
+        if fmt == "dcsr":
+            steps = [  # v is the (unrolled) loop variable: the selects fold away
+                T.Select(
+                    t <= v,
+                    T.Cast("int32", T.bitwise_and(T.shift_right(deltas[ch], T.uint32(4 * t)), T.uint32(15))),
+                    0,
+                )
+                for t in range(1, 8)
+            ]
+            return sum(steps, T.Cast("int32", idx[ch]))
+        if fmt == "nm":
+            return (q * 8 + v) // nm_n * 4 + T.Cast(
+                "int32", T.bitwise_and(T.shift_right(idx[ch], T.uint16(2 * v)), T.uint16(3))
+            )
+        if fmt == "bsr":
+            return T.Cast("int32", idx[ptr[row // r] + q // CPB]) * c + q % CPB * 8 + v
+        return q * 8 + v
+
+    @T.macro
+    def body(x, vals, idx, deltas, ptr, y):
+        for by in T.thread_binding(NG, thread="blockIdx.y"):
+            for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
+                for ty in T.thread_binding(wpb, thread="threadIdx.y"):
+                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                        xs = T.decl_buffer((K * MG,), "float16", scope="shared.dyn")
+                        vb = T.decl_buffer((unr * 8,), "float16", scope="local")
+                        x8 = T.decl_buffer((8,), "float16", scope="local")
+                        xv = T.decl_buffer((MG,), "float16", scope="local")
+                        acc = T.decl_buffer((MG,), "float32", scope="local")
+                        stage(x, xs, by, ty, tx)
+                        for rr in range(RPW):
+                            row = T.meta_var(bx * wpb + ty + rr * TW)
+                            if row < N:
+                                mine = T.meta_var((chunks(ptr, row) - tx + WARP - 1) // WARP)
+                                for i in T.unroll(MG):
+                                    acc[i] = T.float32(0)
+                                for j in range((mine + unr - 1) // unr):
+                                    for u in T.unroll(unr):
+                                        if j * unr + u < mine:
+                                            for v in T.vectorized(8):
+                                                vb[u * 8 + v] = vals[
+                                                    value_index(ptr, row, tx + (j * unr + u) * WARP) + v
+                                                ]
+                                    for u in T.unroll(unr):
+                                        q = T.meta_var(tx + (j * unr + u) * WARP)
+                                        if j * unr + u < mine:
+                                            if CONTIG and MG == 1:
+                                                for v in T.vectorized(8):
+                                                    x8[v] = xs[column(idx, deltas, ptr, row, q, 0) + v]
+                                                for v in T.unroll(8):
+                                                    acc[0] = acc[0] + T.Cast(
+                                                        "float32", vb[u * 8 + v]
+                                                    ) * T.Cast("float32", x8[v])
+                                            else:
+                                                for v in T.unroll(8):
+                                                    col = T.meta_var(column(idx, deltas, ptr, row, q, v))
+                                                    if MG == 1:
+                                                        acc[0] = acc[0] + T.Cast(
+                                                            "float32", vb[u * 8 + v]
+                                                        ) * T.Cast("float32", xs[col])
+                                                    else:
+                                                        for h in T.unroll(MG // XV):
+                                                            for i in T.vectorized(XV):
+                                                                xv[h * XV + i] = xs[col * MG + h * XV + i]
+                                                        for i in T.unroll(MG):
+                                                            acc[i] = acc[i] + T.Cast(
+                                                                "float32", vb[u * 8 + v]
+                                                            ) * T.Cast("float32", xv[i])
+                                for i in T.unroll(MG):
+                                    for s in T.unroll(5):
+                                        acc[i] = acc[i] + T.tvm_warp_shuffle_down(
+                                            T.tvm_warp_activemask(), acc[i], T.shift_right(16, s), WARP, WARP
+                                        )
+                                if tx == 0:
+                                    for i in T.unroll(MG):
+                                        if by * MG + i < M:
+                                            y[by * MG + i, row] = T.Cast(xdtype, acc[i])
+
+    if fmt == "csr":
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((S,), "float16"),
+            idx: T.Buffer((S,), idx_dtype),
+            ptr: T.Buffer((N + 1,), "int32"),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, None, ptr, y)
+
+    elif fmt == "dcsr":
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((S,), "float16"),
+            idx: T.Buffer((S // 8,), idx_dtype),
+            deltas: T.Buffer((S // 8,), "uint32"),
+            ptr: T.Buffer((N + 1,), "int32"),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, deltas, ptr, y)
+
+    elif fmt == "bsr":
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((NB * r * c,), "float16"),
+            idx: T.Buffer((NB,), "uint16"),
+            ptr: T.Buffer((N // r + 1,), "int32"),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, None, ptr, y)
+
+    elif fmt == "nm":
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((S,), "float16"),
+            idx: T.Buffer((S // 8,), "uint16"),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, None, None, y)
+
+    else:
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype), vals: T.Buffer((N * K,), "float16"), y: T.Buffer((M, N), xdtype)
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, None, None, None, y)
+
+    return main
+
+
+def _dense_mod(M, N, K, xdtype, target):
+    """TVM's dense schedule (dlight) for ``Y = X @ W.T`` with fp16 W."""
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    x = te.placeholder((M, K), xdtype, name="x")
+    w = te.placeholder((N, K), "float16", name="w")
+    k = te.reduce_axis((0, K), name="k")
+    acc = te.compute(
+        (M, N), lambda i, j: te.sum(x[i, k].astype("float32") * w[j, k].astype("float32"), axis=k), name="acc"
+    )
+    y = te.compute((M, N), lambda i, j: acc[i, j].astype(xdtype), name="y")
+    mod = tvm.IRModule({"main": te.create_prim_func([x, w, y])})
+    with target:
+        mod = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.Fallback()
+        )(mod)
+    return mod["main"]
+
+
+@dataclass(eq=False)
+class Packed:
+    """W packed for one format's kernels: the arrays (kernel signature order) and the sizes
+    the kernel is specialised on. Pack once, build kernels for several M / schedules."""
+
+    format: str
+    shape: tuple[int, int]  # (N, K)
+    weights: dict[str, np.ndarray]
+    meta: dict[str, Any]  # S (stored entries), idx_dtype, block, NB, nm_n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.weights.values())
+
+
+def pack(fmt: str, w: Any, **params: Any) -> Packed:
+    """Pack dense ``W[N, K]`` (any float dtype; stored as fp16) for `fmt`'s kernels.
+
+    `params`: ``block=(r, c)`` for bsr, ``n`` for nm (n:4). Raises `formats.UnfitError`
+    when W does not fit the format or its kernels.
+    """
+    a16 = np.asarray(w).astype(np.float16)
+    n, k = a16.shape
+    if fmt not in SCHEDULE_SPACE:
+        raise fmts.UnfitError(f"no CUDA kernel for format {fmt!r}")
+    if fmt == "dlight":
+        return Packed(fmt, (n, k), {"w": np.ascontiguousarray(a16)}, {})
+    if k % 8:
+        raise fmts.UnfitError(f"CUDA row kernels need K % 8 == 0; K = {k}")
+    if fmt == "dense":
+        return Packed(
+            fmt, (n, k), {"w": np.ascontiguousarray(a16).reshape(-1)}, {"S": n * k, "idx_dtype": "int32"}
+        )
+    if fmt == "csr":
+        csr = fmts.CSR.pack(a16, pad=8)
+        if csr.indices.dtype.itemsize > 2:
+            raise fmts.UnfitError(f"csr kernel needs 16-bit columns; K = {k}")
+        weights = {
+            "values": csr.values,
+            "indices": csr.indices,
+            "indptr": (csr.indptr.astype(np.int64) // 8).astype(np.int32),
+        }
+        return Packed(fmt, (n, k), weights, {"S": csr.values.size, "idx_dtype": str(csr.indices.dtype)})
+    if fmt == "dcsr":
+        d = fmts.DeltaCSR.pack(a16)
+        if d.base.dtype.itemsize > 2:
+            raise fmts.UnfitError(f"dcsr kernel needs 16-bit bases; K = {k}")
+        weights = {
+            "values": d.values.reshape(-1),
+            "base": d.base,
+            "deltas": d.deltas,
+            "indptr": d.indptr.astype(np.int32),
+        }
+        return Packed(fmt, (n, k), weights, {"S": d.values.size, "idx_dtype": str(d.base.dtype)})
+    if fmt == "nm":
+        nn = int(params.get("n", 2))
+        if nn not in (1, 2, 4) or k % 32:
+            raise fmts.UnfitError(
+                f"nm kernel needs n in (1, 2, 4) of m = 4 and K % 32 == 0; got {nn}:4, K = {k}"
+            )
+        nm = fmts.NM.pack(a16, n=nn, m=4)  # raises if W is not n:4
+        weights = {"values": nm.values.reshape(-1), "positions": nm.indices.reshape(-1).view(np.uint16)}
+        return Packed(fmt, (n, k), weights, {"S": nm.values.size, "idx_dtype": "uint16", "nm_n": nn})
+    r, c = params.get("block", (16, 16))  # bsr
+    if c % 8:
+        raise fmts.UnfitError(f"bsr kernel needs c % 8 == 0; got block {(r, c)}")
+    b = fmts.BSR.pack(a16, block=(r, c))
+    if b.indices.dtype.itemsize > 2:
+        raise fmts.UnfitError(f"bsr kernel needs 16-bit block columns; K / c = {k // c}")
+    weights = {
+        "data": np.ascontiguousarray(b.data.transpose(0, 2, 1)).reshape(-1),  # [B, r, c]
+        "indices": b.indices.astype(np.uint16),
+        "indptr": b.indptr.astype(np.int32),
+    }
+    return Packed(fmt, (n, k), weights, {"S": 0, "idx_dtype": "uint16", "block": (r, c), "NB": b.nnzb})
+
+
+def build(
+    fmt: str, w: Any, m: int, target: Any = None, x_dtype: str = "float32", **params: Any
+) -> CUDAKernel:
+    """The `fmt` kernel for weight `w` (dense ``W[N, K]`` or a `Packed` of that format) at M = m.
+
+    `params`: packing parameters (see `pack`), ``sms`` (multiprocessors, default 132) and
+    schedule keys (``wpb``, ``rpw``, ``unroll``; defaults from `SCHEDULE_SPACE`).
+    Raises `formats.UnfitError` when the format or the kernel cannot hold this weight / M.
+    """
+    target = target or cuda_target()
+    packed = w if isinstance(w, Packed) else pack(fmt, w, **params)
+    n, k = packed.shape
+    sched = {**SCHEDULE_SPACE[fmt][0], **{s: params[s] for s in ("wpb", "rpw", "unroll") if s in params}}
+    if fmt == "dlight":
+        prim = _dense_mod(m, n, k, x_dtype, target)
+    else:
+        if not 1 <= m <= MAX_M:
+            raise fmts.UnfitError(f"sparse CUDA kernels are for decode, M = 1..{MAX_M}; got M = {m}")
+        meta = packed.meta
+        knobs = (sched["wpb"], sched["rpw"], sched["unroll"], int(params.get("sms", 132)))
+        extra = {key: meta[key] for key in ("nm_n", "block", "NB") if key in meta}
+        prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra)
+        sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
+    symbol = _symbol(fmt, m, n, k)
+    return CUDAKernel(
+        fmt, (m, n, k), prim.with_attr("global_symbol", symbol), packed.weights, symbol, x_dtype, sched
+    )
+
+
+def candidates(w: np.ndarray, m: int) -> list[tuple[str, dict[str, Any]]]:
+    """(format, params) of the kernels that can run ``w[N, K]`` at M = m: dense (ours at
+    M <= 16, then TVM's dlight) and the sparse formats whose pattern W fits."""
+    if not 1 <= m <= MAX_M:
+        return [("dlight", {})]
+    found: list[tuple[str, dict[str, Any]]] = [("dense", {}), ("dlight", {})]
+    n, k = w.shape
+    nz = w != 0
+    if nz.mean() > 0.7:
+        return found
+    found += [("dcsr", {}), ("csr", {})]
+    if k % 32 == 0:
+        for nn in (1, 2):
+            if (nz.reshape(n, -1, 4).sum(axis=2) <= nn).all():
+                found.append(("nm", {"n": nn}))
+                break
+    nnz = nz.sum()
+    for r, c in ((32, 32), (16, 16), (1, 16), (1, 8)):
+        if n % r or k % c:
+            continue
+        if nz.reshape(n // r, r, k // c, c).any(axis=(1, 3)).sum() * r * c <= 1.02 * nnz:
+            found.append(("bsr", {"block": (r, c)}))
+            break
+    return found
