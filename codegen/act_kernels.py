@@ -211,9 +211,15 @@ def _act_rows_func(M, N, K, tn, ku, pf):
                 for r in range(16):
                     acc[i, NV * 16 - 16 + r] = T.float32(0)
             for jo in range((CNT[0] + ku - 1) // ku):
-                if pf > 0:
-                    for q in range(tn // 16):
-                        ck._prefetch(W[IDX[T.min(jo * ku + pf, CNT[0] - 1)], T.min(p * tn + q * 16, N - 1)])
+                if pf > 0:  # the rows of the channels `pf` steps ahead, one prefetch per 64-byte line
+                    for u in T.unroll(ku):
+                        for q in range(tn // 16):
+                            ck._prefetch(
+                                W[
+                                    IDX[T.min(jo * ku + pf * ku + u, CNT[0] - 1)],
+                                    T.min(p * tn + q * 16, N - 1),
+                                ]
+                            )
                 for v in range(nv):
                     for i in T.unroll(M):
                         acc[i, T.Ramp(v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)] + _ksum(
@@ -292,6 +298,10 @@ def _act_bitmap_func(M, N, K, nb, NV_, mt, pf):
     return main
 
 
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _w_onnx(w_onnx: Any) -> np.ndarray:
     a = np.asarray(w_onnx)
     if a.ndim != 2 or min(a.shape) < 1:
@@ -310,9 +320,11 @@ def build_act_dense(
 
     `w_onnx` is ``W[K, N]`` as ONNX stores it, `t` the threshold (scalar or ``[K]``).
     Schedule: ``layout`` (``"rows"``, the default: W as is, tasks of ``tile`` outputs with an
-    L1 accumulator, ``k_unroll`` active channels per step; ``"panel"``: ``Wp[N/nb, K, nb]``
+    L1 accumulator (tiles balanced over the target's cores), ``k_unroll`` active channels
+    per step; ``"panel"``: ``Wp[N/nb, K, nb]``
     with register accumulators, ``n_panel``, ``m_tile`` (default ``min(M, 4)``),
-    ``j_chunk``), ``prefetch`` (software prefetch distance in active channels, 0 = off)."""
+    ``j_chunk``), ``prefetch`` (software prefetch distance, in steps of ``k_unroll`` active
+    channels for "rows" (default 1), in channels for "panel" (default 4); 0 = off)."""
     a = _w_onnx(w_onnx)
     M = ck._check_m(M)
     if M > 64:
@@ -330,8 +342,11 @@ def build_act_dense(
         tn = int(sch["tile"])
         if tn < 16 or tn % 16:
             raise ValueError(f"act tile must be a positive multiple of 16; got {tn}")
-        tn = min(tn, -(-n // 16) * 16)
-        ku, pf = max(1, int(sch["k_unroll"])), int(sch["prefetch"] or 0)
+        cores = max(1, int(target.attrs.get("num-cores", 1) or 1))
+        tasks = _ceil(_ceil(n, tn), cores) * cores  # balanced: a multiple of the thread count
+        tn = max(16, _ceil(_ceil(n, tasks), 16) * 16)
+        ku = max(1, int(sch["k_unroll"]))
+        pf = int(1 if sch["prefetch"] is None else sch["prefetch"])
         sch = {"layout": "rows", "tile": tn, "k_unroll": ku, "prefetch": pf}
         prim = _act_rows_func(M, n, k, tn, ku, pf)
         weights = {"threshold": th, "W": a}
