@@ -85,7 +85,8 @@ def test_bad_arguments():
 
 
 def _thresholded_mlp(k=64, h=128, n=48, seed=0):
-    """X -> Where(|X| > t0) -> MatMul W0 -> Relu -> Where(|.| > T1 per channel) -> MatMul W1."""
+    """X -> Where(|X| > t0) -> MatMul W0 -> Relu -> Where(|.| > T1 per channel) -> Gemm (W1
+    stored transposed, transB=1, bias). `inits["W1"]` is the [K, N] view the kernel sees."""
     rng = np.random.default_rng(seed)
     inits = {
         "W0": rng.standard_normal((k, h)).astype(np.float32),
@@ -106,8 +107,10 @@ def _thresholded_mlp(k=64, h=128, n=48, seed=0):
                 helper.make_node("MatMul", ["y0", "W0"], ["h0"]),
                 helper.make_node("Relu", ["h0"], ["r0"]),
             ]
-    nodes.append(helper.make_node("MatMul", ["y1", "W1"], ["Y"]))
-    return g.make_model(nodes, [g._x(["batch", k])], [g._y(["batch", n])], inits), inits
+    nodes.append(helper.make_node("Gemm", ["y1", "W1t", "B1"], ["Y"], transB=1))
+    stored = {key: v for key, v in inits.items() if key != "W1"}
+    stored |= {"W1t": np.ascontiguousarray(inits["W1"].T), "B1": np.ones(n, np.float32)}
+    return g.make_model(nodes, [g._x(["batch", k])], [g._y(["batch", n])], stored), inits
 
 
 def _feeds(batch, k=64, seed=1):
