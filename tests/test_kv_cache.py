@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -55,6 +56,7 @@ def test_decoder_matches_the_model_without_cache():
 )
 def test_cache_stays_within_budget(params):
     model = _kv_model(budget=BUDGET, **params)
+    onnx.checker.check_model(model.to_proto(), full_check=True)
     _, lengths, nbytes = _decode(model)
     assert max(lengths) == BUDGET and lengths[:BUDGET] == list(range(1, BUDGET + 1))
     assert len(set(nbytes[BUDGET - 1 :])) == 1  # memory flat once the budget is reached
