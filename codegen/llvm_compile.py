@@ -81,13 +81,7 @@ def compile_llvm(
     target = target or host_target()
     ctx = PassContext(seed)
     roles = ctx.get(Roles, model)
-    weights: dict[str, tuple[str, np.ndarray]] = {}
-    for op in ctx.get(SparsifiableOps, model).linear:
-        w = op.weight.matrix()
-        if op.op_type in ("MatMul", "Gemm") and w.dtype == np.float32:
-            weights[relax_build.weight_key(np.ascontiguousarray(w.T))] = (op.name, np.ascontiguousarray(w))
-    if not weights:
-        raise UsageError(f"{portable}: no MatMul/Gemm with a float32 constant weight to compile")
+    weights = linear_weights(model, portable, ctx)
     cold = sum(w.nbytes for _, w in weights.values()) > llc_bytes()
     db = TuningDB(db_path)
     buckets = buckets_for(model, list(batch_sizes), seq_len)
@@ -113,14 +107,14 @@ def compile_llvm(
     sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
     feeds = {tag: bucket_feeds(model, shapes, seed) for tag, shapes in buckets.items()}
     timing = {
-        tag: {"compiled": _time_vm(executable, f"main_{tag}", f, params, param_names)}
+        tag: {"compiled": time_vm(executable, f"main_{tag}", f, params, param_names)}
         for tag, f in feeds.items()
     }
     slower: frozenset[str] = frozenset(buckets)  # buckets that ship dense kernels only
     if sparse_used:
         dense_exec, _, dense_params, dense_names = build(dense_kernels, frozenset(buckets))
         for tag, f in feeds.items():
-            timing[tag]["dense_compiled"] = _time_vm(dense_exec, f"main_{tag}", f, dense_params, dense_names)
+            timing[tag]["dense_compiled"] = time_vm(dense_exec, f"main_{tag}", f, dense_params, dense_names)
         del dense_exec, dense_params
         slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
         if slower:  # those buckets ship their dense build
@@ -132,7 +126,41 @@ def compile_llvm(
     if reference is not None:
         ref_model = Model.load(reference)
         for tag, f in feeds.items():
-            timing[tag]["onnxruntime"] = _time_ort(Path(reference), _feeds_for(ref_model, f))
+            timing[tag]["onnxruntime"] = time_ort(Path(reference), feeds_for(ref_model, f))
+    export_module(executable, params, out_dir)
+    db.save()
+    manifest = {
+        **manifest_header(model, target, buckets, param_names),
+        "cache_regime": "cold" if cold else "hot",
+        "ops": op_decisions(weights, roles, chosen),
+        "fused": fused,
+        "timing_seconds": timing,
+        "kernels_swapped": len(swaps),
+        "compile_seconds": round(time.perf_counter() - start, 2),
+        "tuning_db": {"path": str(db.path), "hits": db.hits},
+        **manifest_files(out_dir, portable),
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def linear_weights(model: Model, portable: Path, ctx: PassContext) -> dict[str, tuple[str, np.ndarray]]:
+    """`{content key of W_onnx[K, N]: (op name, W[N, K])}` for every MatMul/Gemm with a float32
+    constant weight (the ops a compile may hand to a kernel); a model without any is an error."""
+    from . import relax_build
+
+    weights: dict[str, tuple[str, np.ndarray]] = {}
+    for op in ctx.get(SparsifiableOps, model).linear:
+        w = op.weight.matrix()
+        if op.op_type in ("MatMul", "Gemm") and w.dtype == np.float32:
+            weights[relax_build.weight_key(np.ascontiguousarray(w.T))] = (op.name, np.ascontiguousarray(w))
+    if not weights:
+        raise UsageError(f"{portable}: no MatMul/Gemm with a float32 constant weight to compile")
+    return weights
+
+
+def export_module(executable, params: dict[str, np.ndarray], out_dir: Path) -> None:
+    """Write `out_dir/module.so` and `out_dir/params.npz`, each through a temporary file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sparsegraph-", dir=out_dir))
     try:
@@ -144,29 +172,30 @@ def compile_llvm(
         for p in tmp.iterdir():
             p.unlink()
         tmp.rmdir()
-    db.save()
-    manifest = {
+
+
+def manifest_header(model: Model, target: Any, buckets: dict, param_names: dict) -> dict[str, Any]:
+    """The manifest fields `sparsegraph.runtime.Session` reads: target, inputs, outputs, buckets."""
+    return {
         "format_version": FORMAT_VERSION,
         "target": str(target),
+        "device": "cuda" if str(target.kind.name) == "cuda" else "cpu",
         "inputs": [{"name": t.name, "dtype": str(np.dtype(t.dtype))} for t in model.graph.inputs],
         "outputs": [t.name for t in model.graph.outputs],
         "buckets": [
             {"tag": tag, "function": f"main_{tag}", "shapes": shapes, "params": param_names[f"main_{tag}"]}
             for tag, shapes in buckets.items()
         ],
-        "cache_regime": "cold" if cold else "hot",
-        "ops": _op_decisions(weights, roles, chosen),
-        "fused": fused,
-        "timing_seconds": timing,
-        "kernels_swapped": len(swaps),
-        "compile_seconds": round(time.perf_counter() - start, 2),
-        "tuning_db": {"path": str(db.path), "hits": db.hits},
+    }
+
+
+def manifest_files(out_dir: Path, portable: Path) -> dict[str, Any]:
+    """Hashes of the written artifacts and the portable model's name."""
+    return {
         "hashes": {name: _sha256(out_dir / name) for name in (MODULE, PARAMS)}
         | {portable.name: _sha256(portable)},
         "portable": portable.name,
     }
-    _write_json(out_dir / MANIFEST, manifest)
-    return manifest
 
 
 def bucket_feeds(model: Model, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -179,29 +208,33 @@ def bucket_feeds(model: Model, shapes: dict[str, list[int]], seed: int = 0) -> d
     return random_feeds(model, seed, sizes=sizes)
 
 
-def _feeds_for(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def feeds_for(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = {t.name for t in model.graph.inputs}
     return {k: v for k, v in feeds.items() if k in names}
 
 
-def _time_vm(executable, function, feeds, params, param_names, repeat: int = 10) -> float:
+def time_vm(executable, function, feeds, params, param_names, repeat: int = 10, dev=None) -> float:
+    """Median wall seconds of one call of `function` on `dev` (default the CPU), synchronised."""
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    args = [tvm.runtime.tensor(v, tvm.cpu()) for v in feeds.values()]
-    args += [tvm.runtime.tensor(params[n], tvm.cpu()) for n in param_names[function]]
+    dev = dev or tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    args = [tvm.runtime.tensor(v, dev) for v in feeds.values()]
+    args += [tvm.runtime.tensor(params[n], dev) for n in param_names[function]]
     fn = vm[function]
     fn(*args)
+    dev.sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn(*args)
+        dev.sync()
         times.append(time.perf_counter() - t0)
     return float(statistics.median(times))
 
 
-def _time_ort(path: Path, feeds: dict[str, np.ndarray], repeat: int = 10) -> float:
+def time_ort(path: Path, feeds: dict[str, np.ndarray], repeat: int = 10) -> float:
     from sparsegraph.validate import session
 
     sess = session(path)
@@ -214,7 +247,8 @@ def _time_ort(path: Path, feeds: dict[str, np.ndarray], repeat: int = 10) -> flo
     return float(statistics.median(times))
 
 
-def _op_decisions(weights, roles, dispatcher) -> list[dict[str, Any]]:
+def op_decisions(weights, roles, dispatcher) -> list[dict[str, Any]]:
+    """Per linear op: role, layer, shape, sparsity and the dispatcher's decision at each M."""
     by_name = {name: w for name, w in weights.values()}
     rows = []
     for name, w in by_name.items():
@@ -241,7 +275,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)

@@ -97,7 +97,9 @@ def compile(
     seqlen: int = typer.Option(128, help="Tokens per calibration window of a text --calib file."),
     target: str | None = typer.Option(
         None,
-        help="Also compile for a target (llvm = this CPU): module.so, params.npz, manifest.json.",
+        help="Also compile for a target: module.so, params.npz, manifest.json. llvm = this CPU; "
+        "cuda = the visible GPU (sm_90 when none is visible; no GPU is needed to compile); a TVM tag "
+        "such as nvidia/nvidia-h100; or a TVM target as JSON or 'kind -key=value'.",
     ),
     batch_sizes: str = typer.Option(
         "1", help="With --target: compile one function per batch size (axis-0 symbolic dims), e.g. 1,8,64."
@@ -121,7 +123,8 @@ def compile(
     --recipe examples/recipes/wanda50.yaml --calib examples/data/tinystories_valid.txt
     --tokenizer examples/stories260K/tok512.bin -o out/wanda50
 
-    Compiled for this CPU: add --target llvm --batch-sizes 1,8 (then: sparsegraph bench OUTPUT)
+    Compiled for this CPU: add --target llvm --batch-sizes 1,8 (then: sparsegraph bench OUTPUT);
+    for a GPU: --target cuda or --target nvidia/nvidia-h100
     """
     from .compile import compile_model
     from .errors import UsageError

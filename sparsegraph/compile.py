@@ -98,10 +98,12 @@ def compile_model(
     (`sparsegraph.codegen.llvm_compile`): `module.so`, `params.npz` and `manifest.json`, one
     static-shape function per batch size in `batch_sizes` (other symbolic dims =
     `seq_len`), kernels chosen by measured dispatch (`tune_trials` schedules per format,
-    decisions cached in `tuning_db`); `sparse.onnx` holds the sparse weights packed."""
+    decisions cached in `tuning_db`); `sparse.onnx` holds the sparse weights packed. With a
+    CUDA target (``cuda``, a tag such as ``nvidia/nvidia-h100``, see `resolve_target`) the
+    same files are compiled for the GPU (`sparsegraph.codegen.cuda_compile`); no GPU is
+    needed to compile."""
     model_path, out_dir = Path(model), Path(out_dir)
-    if target not in (None, "llvm"):
-        raise UsageError(f"unknown target {target!r} (supported: llvm)")
+    tvm_target = resolve_target(target) if target is not None else None
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: output path exists and is not a folder")
     recipe = Recipe.load(recipe)  # a bad recipe fails before any work
@@ -138,7 +140,7 @@ def compile_model(
         codegen = None
         if target is not None:
             codegen = _codegen(
-                portable, staging, model_path, batch_sizes, seq_len, tune_trials, tuning_db, seed
+                portable, staging, model_path, tvm_target, batch_sizes, seq_len, tune_trials, tuning_db, seed
             )
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         rep = reporting.build(
@@ -168,28 +170,84 @@ def compile_model(
     return CompileResult(out_dir, out_dir / PORTABLE, rep)
 
 
-def _codegen(portable, staging, original, batch_sizes, seq_len, tune_trials, tuning_db, seed) -> dict:
+def resolve_target(text: str) -> Any:
+    """The `tvm.target.Target` a ``--target`` string names.
+
+    ``llvm`` is this CPU (`codegen.target.host_target`). ``cuda`` is the visible GPU's
+    architecture (``sm_XY`` from ``tvm.cuda().compute_version``), or ``sm_90`` (H100) when
+    no GPU is visible, since CUDA code compiles without one. Anything else goes to
+    ``tvm.target.Target``: a tag (``nvidia/nvidia-h100``), a kind, a JSON dict
+    (``{"kind": "cuda", "arch": "sm_80"}``), or the older ``kind -key=value`` form, which
+    is turned into a dict. CUDA targets get a generic ``llvm`` host, so the host code runs
+    on any x86-64 machine with the GPU. Only llvm and cuda kinds compile here; a string
+    TVM cannot parse, or another kind, is a UsageError.
+    """
+    import json
+
+    from tvm.target import Target
+
+    from .codegen.target import host_target
+
+    text = (text or "").strip()
+    if text == "llvm":
+        return host_target()
+    if text == "cuda":
+        from .codegen.cuda_dispatch import gpu_visible
+
+        if gpu_visible():
+            import tvm
+
+            arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        else:
+            arch = "sm_90"
+        spec: Any = {"kind": "cuda", "arch": arch}
+    elif text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--target {text!r}: not valid JSON ({exc})") from None
+    elif " -" in text:  # "cuda -arch=sm_80": TVM 0.27 takes this form only as a dict
+        kind, *opts = text.split()
+        spec = {"kind": kind}
+        for opt in opts:
+            key, sep, value = opt.lstrip("-").partition("=")
+            if not sep or not opt.startswith("-"):
+                raise UsageError(f"--target {text!r}: expected '-key=value' options, got {opt!r}")
+            spec[key] = value
+    else:
+        spec = text
+    try:
+        target = Target(spec)
+    except Exception as exc:
+        raise UsageError(f"--target {text!r}: {str(exc).splitlines()[0]}") from None
+    kind = str(target.kind.name)
+    if kind == "cuda":
+        return Target(target, host=Target({"kind": "llvm"}))
+    if kind == "llvm":
+        return target
+    raise UsageError(f"--target {text!r}: kind {kind!r} cannot be compiled (supported: llvm, cuda)")
+
+
+def _codegen(portable, staging, original, target, batch_sizes, seq_len, tune_trials, tuning_db, seed) -> dict:
     """Write sparse.onnx and the compiled module into `staging`; a summary for the report."""
-    from .codegen.llvm_compile import compile_llvm
     from .codegen.sparse_onnx import to_sparse
 
     packed = Model.load(portable)
     if to_sparse(packed):
         packed.save(staging / "sparse.onnx")
-    manifest = compile_llvm(
-        portable,
-        staging,
-        batch_sizes=list(batch_sizes),
-        seq_len=seq_len,
-        reference=original,
-        tune_trials=tune_trials,
-        db_path=tuning_db,
-        seed=seed,
-    )
-    return {
-        k: manifest[k]
-        for k in ("target", "cache_regime", "timing_seconds", "ops", "compile_seconds", "buckets")
-    }
+    common = dict(batch_sizes=list(batch_sizes), seq_len=seq_len, reference=original, seed=seed)
+    if str(target.kind.name) == "cuda":
+        from .codegen.cuda_compile import compile_cuda
+
+        manifest = compile_cuda(portable, staging, target=target, db_path=tuning_db, **common)
+    else:
+        from .codegen.llvm_compile import compile_llvm
+
+        manifest = compile_llvm(
+            portable, staging, target=target, tune_trials=tune_trials, db_path=tuning_db, **common
+        )
+    keys = ("target", "cache_regime", "measured", "timing_seconds", "ops", "compile_seconds", "buckets")
+    return {k: manifest[k] for k in keys if k in manifest}
 
 
 def _reference_outputs(sess, model: Model, feeds: dict | None, seed: int) -> tuple[dict, dict]:

@@ -8,6 +8,13 @@ means all outputs, feeds are numpy arrays (or anything `np.asarray` takes) keyed
 name. A call whose input shapes match a compiled bucket runs the compiled function; any
 other shape runs the folder's `portable.onnx` in onnxruntime (counted in `fallbacks`), so
 every shape works and none is slower than dense onnxruntime.
+
+A folder compiled for CUDA runs on the GPU: `Session(folder, device=None)` takes the
+manifest's device (``cuda`` = GPU 0; ``"cuda:1"`` or ``1`` pick another, ``"cpu"`` only
+for CPU modules). Feeds may then also be DLPack tensors (a torch CUDA tensor is used in
+place when its device, dtype and layout fit); outputs are numpy arrays, or with
+``run(..., as_numpy=False)`` TVM tensors on the device (``torch.from_dlpack`` takes them).
+Loading a CUDA module where no GPU is visible is a UsageError.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ PARAMS = "params.npz"
 
 
 class Session:
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str | int | None = None):
         folder = Path(folder)
         manifest_path = folder / MANIFEST
         if not all((folder / f).is_file() for f in (MANIFEST, MODULE, PARAMS)):
@@ -34,15 +41,20 @@ class Session:
                 f"{folder}: not a compiled model folder (needs {MODULE}, {PARAMS} and {MANIFEST})"
             )
         self.manifest = json.loads(manifest_path.read_text())
-        if device != "cpu":
-            raise UsageError(f"device {device!r} is not supported by this module (compiled for cpu)")
         import tvm
         from tvm import relax
 
         self._tvm = tvm
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / MODULE)), tvm.cpu())
+        self.device = self._device(folder, device)
+        try:
+            module = tvm.runtime.load_module(str(folder / MODULE))
+        except Exception as exc:  # e.g. a CUDA module where TVM has no CUDA runtime
+            raise UsageError(
+                f"{folder / MODULE}: cannot be loaded here ({str(exc).splitlines()[0]})"
+            ) from None
+        self._vm = relax.VirtualMachine(module, self.device)
         with np.load(folder / PARAMS) as stored:  # weights, loaded once, shared by all buckets
-            self._params = {name: tvm.runtime.tensor(stored[name], tvm.cpu()) for name in stored.files}
+            self._params = {name: tvm.runtime.tensor(stored[name], self.device) for name in stored.files}
         self._buckets = {
             tuple(tuple(b["shapes"][i["name"]]) for i in self.manifest["inputs"]): b
             for b in self.manifest["buckets"]
@@ -51,13 +63,43 @@ class Session:
         self._ort = None
         self.fallbacks = 0
 
+    def _device(self, folder: Path, device: str | int | None):
+        """The TVM device to run on: the manifest's kind, `device` picking the GPU index."""
+        tvm = self._tvm
+        kind = self.manifest.get("device", "cpu")
+        text = str(device) if device is not None else kind
+        if isinstance(device, int) or text.isdigit():
+            text = f"cuda:{text}"
+        want, _, index = text.partition(":")
+        if want != kind:
+            raise UsageError(f"{folder}: compiled for {kind}, cannot run on device {device!r}")
+        if kind == "cpu":
+            return tvm.cpu()
+        try:
+            dev = tvm.cuda(int(index or 0))
+            present = bool(dev.exist)
+        except ValueError:
+            raise UsageError(f"device {device!r}: expected 'cuda', 'cuda:N' or N") from None
+        except Exception:
+            present = False
+        if not present:
+            raise UsageError(
+                f"{folder}: compiled for CUDA, but no CUDA GPU {index or 0} is visible to TVM here "
+                "(needs an NVIDIA driver and TVM's CUDA runtime)"
+            )
+        return dev
+
     def get_inputs(self) -> list[str]:
         return [i["name"] for i in self.manifest["inputs"]]
 
     def get_outputs(self) -> list[str]:
         return list(self.manifest["outputs"])
 
-    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[np.ndarray]:
+    def run(
+        self, output_names: list[str] | None, feeds: dict[str, Any], *, as_numpy: bool = True
+    ) -> list[Any]:
+        """Outputs `output_names` (None: all) for `feeds` (numpy arrays or DLPack tensors).
+        With `as_numpy=False` compiled buckets return TVM tensors on the session's device."""
         names = self.get_inputs()
         missing = [n for n in names if n not in feeds]
         if missing:
@@ -69,18 +111,43 @@ class Session:
                 f"unknown output(s) {', '.join(unknown)} (model outputs: {', '.join(self.get_outputs())})"
             )
         dtypes = {i["name"]: i["dtype"] for i in self.manifest["inputs"]}
-        arrays = [np.ascontiguousarray(np.asarray(feeds[n]), dtype=dtypes[n]) for n in names]
-        bucket = self._buckets.get(tuple(a.shape for a in arrays))
+        values = {n: feeds[n] if hasattr(feeds[n], "__dlpack__") else np.asarray(feeds[n]) for n in names}
+        bucket = self._buckets.get(tuple(tuple(int(d) for d in values[n].shape) for n in names))
         if bucket is None:
+            arrays = [self._numpy(values[n], dtypes[n]) for n in names]
             return self._fallback(wanted, dict(zip(names, arrays, strict=True)))
-        dev = self._tvm.cpu()
-        args = [self._tvm.runtime.tensor(a, dev) for a in arrays] + [
+        args = [self._tensor(values[n], dtypes[n]) for n in names] + [
             self._params[p] for p in bucket["params"]
         ]
         result = self._vm[bucket["function"]](*args)
         outputs = [result] if hasattr(result, "numpy") else list(result)
-        by_name = dict(zip(self.get_outputs(), (o.numpy() for o in outputs), strict=True))
+        if as_numpy:
+            outputs = [o.numpy() for o in outputs]
+        by_name = dict(zip(self.get_outputs(), outputs, strict=True))
         return [by_name[n] for n in wanted]
+
+    def _tensor(self, value: Any, dtype: str):
+        """`value` as a TVM tensor on the session's device (DLPack tensors without a copy when
+        device, dtype and layout already fit)."""
+        tvm = self._tvm
+        if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+            try:
+                t = tvm.runtime.from_dlpack(value)
+            except Exception:
+                t = None
+            if t is not None and str(t.dtype) == dtype and t.device == self.device:
+                return t
+            if t is not None:
+                return tvm.runtime.tensor(self._numpy(t.numpy(), dtype), self.device)
+        return tvm.runtime.tensor(self._numpy(value, dtype), self.device)
+
+    @staticmethod
+    def _numpy(value: Any, dtype: str) -> np.ndarray:
+        if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__") and hasattr(value, "cpu"):
+            value = value.cpu()  # a torch tensor on a GPU
+        if not isinstance(value, np.ndarray) and hasattr(value, "numpy"):
+            value = value.numpy()
+        return np.ascontiguousarray(np.asarray(value), dtype=dtype)
 
     def _fallback(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._ort is None:

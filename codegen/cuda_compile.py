@@ -1,0 +1,153 @@
+"""Compile a portable ONNX model for a CUDA GPU: `OUT/module.so` + `params.npz` + `manifest.json`.
+
+The same path as `llvm_compile` (one static-shape function per bucket, weights lifted into
+`params.npz`, the same manifest), with three differences:
+
+* Kernels: each linear op with a float32 constant weight is offered to `cuda_dispatch`,
+  which keeps a sparse kernel from `cuda_kernels` (W packed in fp16, fp32 accumulation,
+  X and Y in the model's float32) only where it beats the dense matmul, measured on the
+  GPU when one is visible, else by the bytes model. Everything else, the dense matmuls
+  included, stays in the model's dtype (float32) and gets dlight's default GPU schedules
+  (`relax_build.compile_cuda_module`). There is no half-precision option for the dense
+  part: a model exported in fp16 compiles in fp16.
+* No GPU is needed to compile: the CUDA source is generated inside ``with target:`` and is
+  compiled to a cubin where TVM's CUDA runtime is present, else when the module is loaded
+  on the GPU (NVRTC by default, nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``).
+* With a GPU visible the compiled buckets are timed on it (synchronised wall clock, median)
+  against the same model built dense only; a bucket where the dense build is faster ships
+  dense, as on the CPU. Without a GPU nothing is timed and the manifest says so.
+
+Pattern rewrites (`rewrites.FACTORIES`) run as on the CPU; each factory declines targets it
+has no kernel for.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from sparsegraph.model import Model
+from sparsegraph.pass_manager import PassContext
+from sparsegraph.passes.analysis.roles import Roles
+
+from .llvm_compile import (
+    MANIFEST,
+    NOISE,
+    bucket_feeds,
+    buckets_for,
+    export_module,
+    feeds_for,
+    linear_weights,
+    manifest_files,
+    manifest_header,
+    op_decisions,
+    time_ort,
+    time_vm,
+    write_json,
+)
+
+
+def compile_cuda(
+    portable: str | Path,
+    out_dir: str | Path,
+    *,
+    target: Any,
+    batch_sizes: list[int] = (1,),
+    seq_len: int = 1,
+    reference: str | Path | None = None,
+    db_path: str | Path | None = None,
+    seed: int = 0,
+    measure_kernels: bool | None = None,
+) -> dict[str, Any]:
+    """Build `out_dir/module.so`, `params.npz` and `manifest.json` for `portable` on the CUDA
+    `target` (a `tvm.target.Target` of kind cuda); returns the manifest.
+
+    `reference` is the original model, timed in onnxruntime (CPU) for the comparison when
+    a GPU is visible. `measure_kernels` (default: a GPU is visible) picks measured dispatch
+    over the bytes model.
+    """
+    import tvm
+
+    from . import relax_build
+    from .cuda_dispatch import CUDADispatcher, gpu_visible
+    from .dispatch import TuningDB
+    from .rewrites import RewriteContext, pattern_rewrites
+
+    start = time.perf_counter()
+    portable, out_dir = Path(portable), Path(out_dir)
+    model = Model.load(portable)
+    ctx = PassContext(seed)
+    roles = ctx.get(Roles, model)
+    weights = linear_weights(model, portable, ctx)
+    db = TuningDB(db_path)
+    buckets = buckets_for(model, list(batch_sizes), seq_len)
+    proto = onnx.load(str(portable))
+    measure = gpu_visible()
+    used: set[str] = set()  # kernel symbols in the last build
+    fused: list[dict[str, Any]] = []  # pattern-rewrite decisions of the last build
+
+    def build(dispatcher: CUDADispatcher, dense_tags: frozenset[str] = frozenset()):
+        def choose(key: str, m: int, tag: str):
+            name, w = weights[key]
+            kernel = None if tag in dense_tags else dispatcher.kernel(name, w, m)
+            if kernel is not None:
+                used.add(kernel.symbol)
+            return kernel
+
+        used.clear()
+        rctx = RewriteContext(target, True, db, dense_tags)
+        built = relax_build.build_module(
+            proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(rctx)
+        )
+        fused[:] = rctx.decisions
+        return built
+
+    chosen = CUDADispatcher(target, db, measure=measure if measure_kernels is None else measure_kernels)
+    executable, swaps, params, param_names = build(chosen)
+    timing: dict[str, dict[str, Any]] = {}
+    if measure:
+        dev = tvm.cuda(0)
+        feeds = {tag: bucket_feeds(model, shapes, seed) for tag, shapes in buckets.items()}
+        for tag, f in feeds.items():
+            timing[tag] = {"compiled": time_vm(executable, f"main_{tag}", f, params, param_names, dev=dev)}
+        slower: frozenset[str] = frozenset(buckets)
+        if swaps:
+            dense_exec, _, dense_params, dense_names = build(chosen, frozenset(buckets))
+            for tag, f in feeds.items():
+                timing[tag]["dense_compiled"] = time_vm(
+                    dense_exec, f"main_{tag}", f, dense_params, dense_names, dev=dev
+                )
+            del dense_exec, dense_params
+            slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
+            if slower:
+                executable, swaps, params, param_names = build(chosen, slower)
+                for tag in slower:
+                    timing[tag]["compiled"] = timing[tag]["dense_compiled"]
+        for tag in buckets:
+            timing[tag]["shipped"] = "dense" if tag in slower else "dispatched"
+        if reference is not None:
+            ref_model = Model.load(reference)
+            for tag, f in feeds.items():
+                timing[tag]["onnxruntime"] = time_ort(Path(reference), feeds_for(ref_model, f))
+    export_module(executable, params, out_dir)
+    db.save()
+    manifest = {
+        **manifest_header(model, target, buckets, param_names),
+        "cache_regime": "cold",  # kernels are timed with L2 flushed
+        "measured": chosen.measure,
+        "weight_dtypes": {"sparse_kernels": "float16", "dense": "model dtype (float32)"},
+        "ops": op_decisions(weights, roles, chosen),
+        "timing_seconds": timing,
+        "kernels_swapped": len(swaps),
+        "kernel_formats": sorted({fmt for _, _, fmt in swaps}),
+        "kernel_symbols": sorted(used),
+        "fused": fused,
+        "compile_seconds": round(time.perf_counter() - start, 2),
+        "tuning_db": {"path": str(db.path), "hits": db.hits},
+        **manifest_files(out_dir, portable),
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest

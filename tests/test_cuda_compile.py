@@ -1,0 +1,184 @@
+"""The CUDA compile path: target parsing, compiling stories260K for a GPU without one
+(codegen only, what CI can check), the bytes-model dispatch, the runtime's device checks;
+and, where a CUDA GPU is visible, the compiled logits on the GPU vs onnxruntime (CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import sparsegraph as sg
+from sparsegraph.codegen.cuda_compile import compile_cuda
+from sparsegraph.codegen.cuda_dispatch import BYTES_RATIO, CUDADispatcher, gpu_visible
+from sparsegraph.codegen.dispatch import TuningDB
+from sparsegraph.compile import resolve_target
+from sparsegraph.runtime import Session
+from sparsegraph.validate import run
+
+from paths import EXAMPLES, STORIES
+
+GPU = gpu_visible()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA GPU visible to TVM")
+PRUNE70 = {"steps": [{"pass": "magnitude", "sparsity": 0.7, "granularity": "row"}]}
+#: logits vs onnxruntime, relative to max |logit|: fp16-stored sparse weights (fp32 math),
+#: and the all-fp32 dense path (dlight, no TF32)
+TOL_FP16_WEIGHTS = 2e-2
+TOL_FP32 = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    return sg.compile_model(STORIES, PRUNE70, tmp_path_factory.mktemp("pruned"), validate=False).portable
+
+
+@pytest.fixture(scope="module")
+def cuda_folder(pruned, tmp_path_factory):
+    """stories260K pruned to 70 %, compiled for the H100 tag by the bytes model (no GPU needed)."""
+    out = tmp_path_factory.mktemp("cuda")
+    manifest = compile_cuda(
+        pruned,
+        out,
+        target=resolve_target("nvidia/nvidia-h100"),
+        batch_sizes=[1],
+        seq_len=2,
+        db_path=out / "db.json",
+        measure_kernels=False,
+    )
+    return out, manifest
+
+
+def test_targets_parse_or_fail_clearly():
+    assert resolve_target("llvm").kind.name == "llvm"
+    h100 = resolve_target("nvidia/nvidia-h100")
+    assert h100.kind.name == "cuda" and h100.attrs["arch"].startswith("sm_90") and h100.host is not None
+    assert resolve_target("cuda -arch=sm_80").attrs["arch"] == "sm_80"
+    assert resolve_target('{"kind": "cuda", "arch": "sm_86"}').attrs["arch"] == "sm_86"
+    assert resolve_target("cuda").attrs["arch"].startswith("sm_")
+    for bad, why in [
+        ("bogus", "bogus"),
+        ("{not json", "JSON"),
+        ("c", "cannot be compiled"),
+        ("cuda arch", ""),
+    ]:
+        with pytest.raises(sg.UsageError, match=why):
+            resolve_target(bad)
+
+
+def test_cli_rejects_a_bad_target_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsegraph.cli import app
+
+    out = tmp_path / "out"
+    args = ["compile", str(STORIES), "-r", str(EXAMPLES / "recipes" / "nm24.yaml"), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--target", "nvidia/no-such-gpu"])
+    assert result.exit_code == 2 and "--target 'nvidia/no-such-gpu'" in result.output
+    assert not out.exists()
+
+
+def test_cuda_compile_without_a_gpu_writes_the_module(cuda_folder):
+    out, manifest = cuda_folder
+    assert {"module.so", "params.npz", "manifest.json"} <= {p.name for p in out.iterdir()}
+    stored = json.loads((out / "manifest.json").read_text())
+    assert stored["device"] == "cuda" and json.loads(stored["target"])["kind"] == "cuda"
+    assert stored["measured"] is False and stored["timing_seconds"] == {}
+    # the projections are 70 % sparse: a sparse kernel where one fits reads fewer bytes than
+    # fp16 dense; the unpruned lm_head stays with the dense matmul
+    decisions = [(op, d) for op in manifest["ops"] for d in op["decisions"].values()]
+    sparse = [(op, d) for op, d in decisions if d["format"] != "dense"]
+    assert manifest["kernels_swapped"] == len(sparse) >= 25 and manifest["kernel_symbols"]
+    assert all(not d["measured"] for _, d in decisions)
+    for op, d in sparse:
+        assert op["sparsity"] > 0.5 and d["nbytes"] <= BYTES_RATIO * op["shape"][0] * op["shape"][1] * 2
+    assert all(d["format"] == "dense" for op, d in decisions if op["sparsity"] == 0)
+    blob = (out / "module.so").read_bytes()
+    for symbol in manifest["kernel_symbols"]:  # the sparse kernels are in the device code
+        assert symbol.encode() in blob
+    assert b"__global__" in blob or b".nv.info" in blob  # CUDA source, or a cubin where CUDA exists
+    with np.load(out / "params.npz") as params:
+        assert any(params[n].dtype == np.float16 for n in params.files)  # packed fp16 values
+
+
+def test_bytes_model_keeps_dense_weights_dense():
+    rng = np.random.default_rng(0)
+    target = resolve_target("nvidia/nvidia-h100")
+    d = CUDADispatcher(target, TuningDB(None), measure=False)
+    w = rng.standard_normal((128, 256)).astype(np.float32)
+    assert d.kernel("dense_op", w, 1) is None
+    assert d.decisions[("dense_op", 1)].format == "dense"
+    sparse = w * (rng.random(w.shape) < 0.1)
+    kernel = d.kernel("sparse_op", sparse.astype(np.float32), 1)
+    decision = d.decisions[("sparse_op", 1)]
+    assert kernel is not None and decision.format == kernel.format and not decision.measured
+    assert decision.nbytes <= BYTES_RATIO * 128 * 256 * 2
+
+
+@pytest.mark.skipif(GPU, reason="checks the error where no GPU is visible")
+def test_session_on_a_cuda_module_without_a_gpu_is_a_usage_error(cuda_folder):
+    out, _ = cuda_folder
+    with pytest.raises(sg.UsageError, match="no CUDA GPU"):
+        Session(out)
+    with pytest.raises(sg.UsageError, match="compiled for cuda"):
+        Session(out, device="cpu")
+
+
+@needs_gpu
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])
+def test_gpu_logits_match_onnxruntime(tmp_path, sparsity):
+    torch = pytest.importorskip("torch")
+    recipe = {"steps": [{"pass": "magnitude", "sparsity": sparsity, "granularity": "row"}]}
+    portable = sg.compile_model(STORIES, recipe, tmp_path, validate=False).portable
+    manifest = compile_cuda(
+        portable,
+        tmp_path,
+        target=resolve_target("cuda"),
+        batch_sizes=[1, 4],
+        seq_len=8,
+        reference=STORIES,
+        db_path=tmp_path / "db.json",
+        measure_kernels=False,  # measured dispatch: checked below on one weight (compiles each candidate)
+    )
+    timing = manifest["timing_seconds"]  # with a GPU the buckets are timed, and vs the dense build
+    assert set(timing) == {"b1_s8", "b4_s8"} and all(
+        t["compiled"] > 0 and "onnxruntime" in t for t in timing.values()
+    )
+    sess = Session(tmp_path)
+    tokens = np.random.default_rng(1).integers(0, 512, (4, 8)).astype(np.int64)
+    ref = run(portable, {"tokens": tokens})["logits"]
+    (got,) = sess.run(["logits"], {"tokens": tokens})
+    tol = TOL_FP16_WEIGHTS if manifest["kernels_swapped"] else TOL_FP32
+    assert np.abs(got - ref).max() / np.abs(ref).max() < tol
+    assert sess.fallbacks == 0
+    # DLPack in and out: a torch CUDA tensor, a TVM tensor back on the GPU
+    (dev_out,) = sess.run(["logits"], {"tokens": torch.from_numpy(tokens).cuda()}, as_numpy=False)
+    back = torch.from_dlpack(dev_out)
+    assert back.is_cuda and np.array_equal(back.cpu().numpy(), got)
+    assert (manifest["kernels_swapped"] > 0) == (sparsity > 0)
+
+
+@needs_gpu
+def test_measured_dispatch_times_every_candidate_on_the_gpu(tmp_path):
+    import tvm
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((1024, 512)) * (rng.random((1024, 512)) < 0.1)).astype(np.float32)
+    db = TuningDB(tmp_path / "db.json")
+    d = CUDADispatcher(resolve_target("cuda"), db, measure=True)
+    kernel = d.kernel("op", w, 1)
+    decision = d.decisions[("op", 1)]
+    assert decision.measured and "dense" in decision.timings and len(decision.timings) >= 2
+    assert decision.seconds == min(decision.timings.values())
+    if kernel is not None:
+        x = rng.standard_normal((1, 512)).astype(np.float32)
+        dev = tvm.cuda(0)
+        with d.target:
+            ex = tvm.compile(tvm.IRModule({kernel.symbol: kernel.prim_func}), d.target)
+        args = [tvm.runtime.tensor(x, dev)] + [tvm.runtime.tensor(a, dev) for a in kernel.weights.values()]
+        y = tvm.runtime.empty((1, 1024), "float32", dev)
+        ex[kernel.symbol](*args, y)
+        ref = x @ w.T
+        assert np.abs(y.numpy() - ref).max() / np.abs(ref).max() < TOL_FP16_WEIGHTS
+    db.save()
+    again = CUDADispatcher(resolve_target("cuda"), TuningDB(tmp_path / "db.json"), measure=True)
+    again.kernel("op", w, 1)
+    assert again.decisions[("op", 1)].from_db
