@@ -110,7 +110,7 @@ class BlockLayout:
     @classmethod
     def from_bias(cls, bias: np.ndarray, bs: int) -> BlockLayout:
         """Layout from an additive bias ``[S, Lq, Lk]`` (or 2-D): a block whose positions are all
-        <= `DROP_BELOW` is skipped, one with any nonzero bias is partial. Raises ValueError when a
+        <= `DROP_BELOW` is skipped, one with any nonzero bias is partial (equal tiles stored once). Raises ValueError when a
         query row drops every position (its softmax is undefined) or bs does not divide Lq, Lk."""
         b = np.asarray(bias, np.float32)
         b = b[None] if b.ndim == 2 else b
@@ -128,10 +128,11 @@ class BlockLayout:
         layout = cls.from_blocks(keep, bs)
         sl, qb = np.divmod(np.repeat(np.arange(s * nqb), np.diff(layout.ptr)), nqb)
         part = ~full[sl, qb, layout.kb]
-        layout.pi[part] = np.arange(int(part.sum()), dtype=np.int32)
-        if part.any():
-            t = tiles_view[sl[part], qb[part], layout.kb[part]]
-            layout.tiles = np.ascontiguousarray(np.maximum(t, DROP), np.float32)
+        if part.any():  # distinct tiles only: a causal or window mask has a handful
+            t = np.maximum(tiles_view[sl[part], qb[part], layout.kb[part]], DROP).astype(np.float32)
+            tiles, inverse = np.unique(t.reshape(len(t), -1), axis=0, return_inverse=True)
+            layout.pi[part] = inverse.reshape(-1).astype(np.int32)
+            layout.tiles = np.ascontiguousarray(tiles.reshape(-1, bs, bs))
         return layout
 
     def dense_bias(self) -> np.ndarray:

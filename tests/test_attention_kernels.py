@@ -85,6 +85,7 @@ def test_layout_from_bias_classifies_blocks():
     bias = _causal(128, 128)
     lay = ak.BlockLayout.from_bias(bias, 64)
     assert lay.kept == 3 and lay.partial == 2  # diagonal blocks partial, the lower one full
+    assert lay.tiles.shape == (1, 64, 64)  # both diagonal blocks share one stored bias tile
     np.testing.assert_array_equal(lay.ptr, [0, 1, 3])
     with pytest.raises(ValueError, match="drops every key"):
         ak.BlockLayout.from_bias(np.full((64, 64), MIN, np.float32), 32)
