@@ -110,8 +110,9 @@ class BlockLayout:
     @classmethod
     def from_bias(cls, bias: np.ndarray, bs: int) -> BlockLayout:
         """Layout from an additive bias ``[S, Lq, Lk]`` (or 2-D): a block whose positions are all
-        <= `DROP_BELOW` is skipped, one with any nonzero bias is partial (equal tiles stored once). Raises ValueError when a
-        query row drops every position (its softmax is undefined) or bs does not divide Lq, Lk."""
+        <= `DROP_BELOW` is skipped, one with any nonzero bias is partial (equal tiles stored
+        once). Raises ValueError when a query row drops every position (its softmax is
+        undefined) or bs does not divide Lq, Lk."""
         b = np.asarray(bias, np.float32)
         b = b[None] if b.ndim == 2 else b
         s, lq, lk = b.shape
