@@ -286,3 +286,70 @@ def test_rewrite_builds_cuda_module_source():
         ex = relax_build.compile_cuda_module(mod, target)
     src = "".join(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
     assert ctx.decisions[0]["kernel"] in src and "__shfl_sync" in src
+
+
+def _core_model(form: str, L: int = 128, h: int = 2, d: int = 16):
+    """Attention core on inputs Q, K, V in several import forms, with constant masks."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    f = TensorProto.FLOAT
+    n = helper.make_node
+    lead = [h] if form == "3d" else [1, h]
+    causal = np.tril(np.ones((L, L), bool))
+    inits = {"c": np.array(1 / np.sqrt(d), np.float32), "neg": np.array(-np.inf, np.float32)}
+    nodes = [n("Transpose", ["K"], ["Kt"], perm=[*range(len(lead)), len(lead) + 1, len(lead)])]
+    if form == "scale_q":  # scale folded into Q (SDPA-style exports)
+        nodes += [n("Mul", ["Q", "c"], ["Qs"]), n("MatMul", ["Qs", "Kt"], ["s"])]
+        inits["bias"] = np.where(causal, 0, MIN).astype(np.float32)
+        nodes += [n("Add", ["s", "bias"], ["z"])]
+    elif form == "add_then_scale":  # (S + bias) * c, bias with small kept values too
+        inits["bias"] = np.where(causal, rng.standard_normal((L, L)) * 0.5, MIN).astype(np.float32)
+        nodes += [
+            n("MatMul", ["Q", "Kt"], ["s"]),
+            n("Add", ["bias", "s"], ["sb"]),
+            n("Mul", ["sb", "c"], ["z"]),
+        ]
+    elif form == "where_inverted":  # Where(dropped, -inf, S)
+        inits["drop"] = ~causal
+        nodes += [n("MatMul", ["Q", "Kt"], ["s"]), n("Div", ["s", "sq"], ["ss"])]
+        nodes += [n("Where", ["drop", "neg", "ss"], ["z"])]
+        inits["sq"] = np.array(np.sqrt(d), np.float32)
+    else:  # per-head masks [1, h, L, L] (3d: [h, L, L])
+        i, j = np.ogrid[:L, :L]
+        masks = np.stack([causal & (i - j < 20 + 50 * k) for k in range(h)])
+        inits["bias"] = np.where(masks.reshape(*lead, L, L), 0, MIN).astype(np.float32)
+        nodes += [
+            n("MatMul", ["Q", "Kt"], ["s"]),
+            n("Mul", ["s", "c"], ["ss"]),
+            n("Add", ["ss", "bias"], ["z"]),
+        ]
+    nodes += [n("Softmax", ["z"], ["p"], axis=-1), n("MatMul", ["p", "V"], ["Y"])]
+    shape = [*lead, L, d]
+    ins = [helper.make_tensor_value_info(k, f, shape) for k in ("Q", "K", "V")]
+    return g.make_model(nodes, ins, [helper.make_tensor_value_info("Y", f, shape)], inits), shape
+
+
+@pytest.mark.parametrize("form", ["scale_q", "add_then_scale", "where_inverted", "per_head", "3d"])
+def test_rewrite_import_forms_match_onnxruntime(form):
+    from sparsegraph.codegen import relax_build
+    from sparsegraph.codegen.attention_rewrite import sparse_attention
+    from sparsegraph.codegen.rewrites import RewriteContext
+    from sparsegraph.codegen.target import host_target
+
+    model, shape = _core_model(form)
+    feeds = {
+        k: np.random.default_rng(i).standard_normal(shape).astype(np.float32) for i, k in enumerate("QKV")
+    }
+    func = relax_build.import_bucket(model, {k: shape for k in feeds}).with_attr("global_symbol", "main_t")
+    mod = tvm.relax.transform.FoldConstant()(tvm.IRModule({"main_t": func}))
+    ctx = RewriteContext(host_target(), False, None)
+    mod = sparse_attention(ctx)(mod)
+    (rec,) = ctx.decisions
+    assert rec["rewritten"], rec
+    assert rec["blocks_kept"] < rec["blocks_total"]
+    assert rec["mask_slices"] == (2 if form in ("per_head", "3d") else 1)
+    assert "R.matmul" not in mod["main_t"].script()  # the dense attention is gone
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=host_target()), tvm.cpu())
+    got = vm["main_t"](*[tvm.runtime.tensor(feeds[k]) for k in "QKV"]).numpy()
+    np.testing.assert_allclose(got, g.run_ort(model, feeds)[0], atol=2e-5, rtol=1e-4)
