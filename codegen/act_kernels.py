@@ -14,16 +14,23 @@ One PrimFunc, two phases:
 1. *compaction* (serial, ~1 ns per channel): for each k, write ``XS[c, 0:M] = where(|X[:, k]|
    > T[k], X[:, k], 0)`` and ``IDX[c] = k`` and advance ``c`` if any row is active
    (branch-free); ``c`` ends as the number of active channels.
-2. *accumulation* (``T.parallel`` over panels of ``nb`` outputs): per active channel j,
-   ``acc[i, 0:nb] += XS[j, i] * Wp[p, IDX[j], 0:nb]`` for the rows of an m tile (zmm
-   accumulators), with a software prefetch of the panel row ``prefetch`` active channels
-   ahead (the hardware prefetcher cannot follow the gaps). When M needs several m tiles, the
-   active channels are walked in chunks of ``j_chunk`` so a chunk's W rows stay in L1 for
-   every m tile (partial sums kept in a per-task ``[M, nb]`` scratch).
+2. *accumulation* (``T.parallel`` over tiles of outputs), one of three W layouts
+   (``schedule["layout"]``), each contiguous per input channel:
 
-W layout: ``Wp[ceil(N/nb), K, nb]`` (`cpu_kernels.pack_dense_panels`): within a panel each
-input channel is one contiguous row of nb floats, so a skipped channel is a skipped
-``4 * nb``-byte run. With every channel active the kernel does the dense kernel's work.
+   * ``rows`` (default): W as ONNX stores it; a task of ``tile`` outputs adds
+     ``XS[j, i] * W[IDX[j], tile]`` (``k_unroll`` channels per step) into an L1 accumulator
+     ``[M, tile]``, with a software prefetch of the next step's rows (the hardware
+     prefetcher cannot follow the gaps);
+   * ``strips``: W packed as column strips ``Ws[N/tile, K, tile]``, same loop: a task then
+     streams one strip in increasing address order, skipping inactive channels' rows;
+   * ``panel``: the dense kernel's ``Wp[N/nb, K, nb]`` (`cpu_kernels.pack_dense_panels`)
+     with register accumulators (``m_tile`` rows x nb outputs); when M needs several m
+     tiles the active channels are walked in chunks of ``j_chunk`` so a chunk's rows stay
+     in L1 for every m tile.
+
+   With every channel active each does the dense kernel's work plus an index load per
+   channel. Which layout is fastest depends on M and the machine: the Relax rewrite
+   (`act_sparse_rewrite`) times the candidates and keeps the fastest.
 
 Weight-sparse variant (``build_act_bitmap``): each panel row is itself stored as 16-output
 bitmaps (``nb / 16`` uint16 masks per (panel, channel), the nonzeros packed in (panel,
@@ -38,6 +45,7 @@ vector ``T[K]`` (so ``kernel.weights`` is what a Relax ``call_tir`` passes after
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,6 +253,77 @@ def _act_rows_func(M, N, K, tn, ku, pf):
     return main
 
 
+def _act_strips_func(M, N, K, tn, ku, pf):
+    """Strip variant: W packed as ``Ws[NT, K, tn]`` (column strips of tn outputs, zero-padded):
+    a task streams its own strip in increasing address order, skipping inactive channels'
+    ``4 * tn``-byte rows (no two tasks share a DRAM page or a prefetch stream)."""
+    NT = -(-N // tn)
+    NV = tn // 16
+    LAST = N - (NT - 1) * tn
+    LV, LR = LAST // 16, LAST % 16
+
+    @T.prim_func
+    def main(
+        X: T.Buffer((M, K), "float32"),
+        TH: T.Buffer((K,), "float32"),
+        Ws: T.Buffer((NT, K, tn), "float32"),
+        Y: T.Buffer((M, N), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        IDX = T.decl_buffer((K + ku,), "int32")
+        XS = T.decl_buffer((K + ku, M), "float32")
+        CNT = T.decl_buffer((1,), "int32")
+        _compact(M, K, X, TH, IDX, XS, CNT)
+        for u in range(ku):
+            IDX[CNT[0] + u] = 0
+            for i in T.unroll(M):
+                XS[CNT[0] + u, i] = T.float32(0)
+        for p in T.parallel(NT):
+            acc = T.decl_buffer((M, tn), "float32")
+            for i in T.unroll(M):
+                for v in range(NV):
+                    acc[i, T.Ramp(v * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
+            for jo in range((CNT[0] + ku - 1) // ku):
+                if pf > 0:
+                    for u in T.unroll(ku):
+                        for q in range(tn // 16):
+                            ck._prefetch(Ws[p, IDX[T.min(jo * ku + pf * ku + u, CNT[0] - 1)], q * 16])
+                for v in range(NV):
+                    for i in T.unroll(M):
+                        acc[i, T.Ramp(v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)] + _ksum_strip(
+                            ku, XS, Ws, IDX, jo, i, p, v * 16
+                        )
+            for i in T.unroll(M):
+                if p < NT - 1:
+                    for v in range(NV):
+                        Y[i, T.Ramp(p * tn + v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)]
+                else:
+                    for v in range(LV):
+                        Y[i, T.Ramp(p * tn + v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)]
+                    for r in range(LR):
+                        Y[i, p * tn + LV * 16 + r] = acc[i, LV * 16 + r]
+
+    return main
+
+
+def _ksum_strip(ku, XS, Ws, IDX, jo, i, p, n0):
+    e = T.Broadcast(XS[jo * ku, i], 16) * Ws[p, IDX[jo * ku], T.Ramp(n0, 1, 16)]
+    for u in range(1, ku):
+        e = e + T.Broadcast(XS[jo * ku + u, i], 16) * Ws[p, IDX[jo * ku + u], T.Ramp(n0, 1, 16)]
+    return e
+
+
+def pack_strips(w_onnx: np.ndarray, tn: int) -> np.ndarray:
+    """``Ws[ceil(N/tn), K, tn]`` with ``Ws[p, k, j] = W_onnx[k, p*tn + j]`` (zero beyond N)."""
+    k, n = w_onnx.shape
+    nt = _ceil(n, tn)
+    out = np.zeros((nt, k, tn), np.float32)
+    for p in range(nt):
+        width = min(tn, n - p * tn)
+        out[p, :, :width] = w_onnx[:, p * tn : p * tn + width]
+    return out
+
+
 def _ksum(ku, XS, W, IDX, jo, i, n0):
     e = T.Broadcast(XS[jo * ku, i], 16) * W[IDX[jo * ku], T.Ramp(n0, 1, 16)]
     for u in range(1, ku):
@@ -338,7 +417,7 @@ def build_act_dense(
         "act",
     )  # fmt: skip
     th = thresholds(t, k)
-    if sch["layout"] == "rows":
+    if sch["layout"] in ("rows", "strips"):
         tn = int(sch["tile"])
         if tn < 16 or tn % 16:
             raise ValueError(f"act tile must be a positive multiple of 16; got {tn}")
@@ -347,9 +426,13 @@ def build_act_dense(
         tn = max(16, _ceil(_ceil(n, tasks), 16) * 16)
         ku = max(1, int(sch["k_unroll"]))
         pf = int(1 if sch["prefetch"] is None else sch["prefetch"])
-        sch = {"layout": "rows", "tile": tn, "k_unroll": ku, "prefetch": pf}
-        prim = _act_rows_func(M, n, k, tn, ku, pf)
-        weights = {"threshold": th, "W": a}
+        sch = {"layout": sch["layout"], "tile": tn, "k_unroll": ku, "prefetch": pf}
+        if sch["layout"] == "rows":
+            prim = _act_rows_func(M, n, k, tn, ku, pf)
+            weights = {"threshold": th, "W": a}
+        else:
+            prim = _act_strips_func(M, n, k, tn, ku, pf)
+            weights = {"threshold": th, "Ws": pack_strips(a, tn)}
     elif sch["layout"] == "panel":
         nb = int(sch["n_panel"])
         if nb < 16 or nb % 16:
@@ -361,7 +444,7 @@ def build_act_dense(
         prim = _act_dense_func(M, n, k, nb, mt, nmt, jc, pf)
         weights = {"threshold": th, "Wp": ck.pack_dense_panels(np.ascontiguousarray(a.T), nb)}
     else:
-        raise ValueError(f"act layout must be 'rows' or 'panel'; got {sch['layout']!r}")
+        raise ValueError(f"act layout must be 'rows', 'strips' or 'panel'; got {sch['layout']!r}")
     return ck._finish("act_dense", f"act_{sch['layout']}", prim, (M, n, k), weights, sch, target)
 
 
@@ -431,9 +514,10 @@ MAX_M = 8
 def act_sparse_rewrite(ctx: Any):
     """`codegen.rewrites` factory: replace ``matmul(where(greater(abs(x), T), x, 0), W)``
     (W a float32 constant ``[K, N]``, T a constant scalar or ``[K]``, M = rows of x <= 8) by
-    ``call_tir`` to `build_act_dense` (or `build_act_bitmap` when W is >= 30 % zeros) when
-    that kernel, timed like the dispatcher times (`dispatch.Timer`, cold when ``ctx.cold``),
-    beats the best dense-input kernel (`cpu_kernels.build_dense`, and the weight-sparse
+    ``call_tir`` to the fastest fused kernel (`build_act_dense` with the rows/strips layouts
+    at M = 1, strips/panel above; `build_act_bitmap` too when W is >= 30 % zeros) when it,
+    timed like the dispatcher times (`dispatch.Timer`, cold when ``ctx.cold``), beats the
+    best dense-input kernel (`cpu_kernels.build_dense`, and the weight-sparse
     bitmap kernel for a sparse W) at `ASSUMED_SPARSITY` independent per row, and with every
     channel active stays within `GUARD` of it. Decisions are cached in ``ctx.db``; one record
     per (weight, M) goes to ``ctx.decisions``. llvm targets only (None otherwise)."""
@@ -482,13 +566,17 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
     key = decision_key(ctx.target, w, th, m, ctx.cold)
     if (key, m) in cache:
         return cache[(key, m)]
-    builders = {"act_dense": build_act_dense}
+    builders = {
+        f"act_{layout}": functools.partial(build_act_dense, schedule={"layout": layout})
+        for layout in (("rows", "strips") if m == 1 else ("strips", "panel"))
+    }
     if wsp >= 0.3 and ck._avx512(ctx.target) and n % 64 == 0 and m <= 4:
         builders["act_bitmap"] = build_act_bitmap
     stored = ctx.db.get(key)
     if stored is not None:
         rec = dict(stored, from_db=True)
-        kern = builders[rec["kernel"]](w, th, m, ctx.target) if rec["chosen"] == "fused" else None
+        build = builders.get(rec["kernel"], build_act_dense)
+        kern = build(w, th, m, ctx.target) if rec["chosen"] == "fused" else None
         cache[(key, m)] = (kern, rec)
         return kern, rec
     timer = Timer()

@@ -44,6 +44,8 @@ def _check(kern, x, t, w):
         (4, 257, 200, 0.7, True, {"k_unroll": 1, "prefetch": 0}),
         (8, 128, 96, 0.25, False, {"tile": 64}),
         (1, 96, 130, 0.5, False, {"layout": "panel"}),
+        (1, 200, 1000, 0.7, True, {"layout": "strips", "tile": 256}),  # padded last strip
+        (4, 64, 48, 0.5, False, {"layout": "strips", "k_unroll": 3}),
         (8, 200, 64, 0.9, True, {"layout": "panel", "j_chunk": 16}),  # two m tiles, chunked
     ],
 )
@@ -157,7 +159,7 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
     for w, t in ((inits["W0"], inits["T0"]), (inits["W1"], inits["T1"])):
         key = ak.decision_key(target, w, ak.thresholds(t, w.shape[0]), 1, False)
         db.put(key, {"technique": "activation_sparsity", "weight_shape": list(w.shape), "M": 1,
-                     "threshold": "scalar", "kernel": "act_dense",
+                     "threshold": "scalar", "kernel": "act_strips",
                      "weight_sparsity": 0.0, "assumed_activation_sparsity": 0.5, "calibrated_sparsity": None,
                      "fused_us": 1.0, "fused_all_active_us": 2.0, "dense_kernel": "dense", "dense_us": 2.0,
                      "chosen": "fused"})  # fmt: skip
