@@ -17,6 +17,15 @@ union of active channels over the M rows. One PrimFunc, two kernel launches:
 
 The split over K (``KS`` slices) gives enough blocks to fill an H100 at N = 4096.
 Needs ``N % 8 == 0``. Function attributes ``tirx.noalias`` and ``tirx.is_scheduled``.
+
+Measured (`benchmarks/act_kernels.py --gpu`, H200, L2 flushed, vs cuBLAS ``F.linear`` fp16,
+W 4096x11008 / 11008x4096, M = 1): 0.90-0.95x at 0 % activation sparsity, 1.34-1.36x at
+50 %, 1.71-1.74x at 70 %, 2.3-2.4x at 90 %; max relative error <= 4.4e-4. About 5 µs per
+call are fixed cost (compaction before the first W load, the second launch and the fp32
+partials), which caps the gain at low sparsity. M = 4 / 8: the union of independent rows is
+dense (0.94 / 1.00 of the channels at 50 %), and the kernel is 0.6-0.8x cuBLAS there, so a
+dispatcher must keep cuBLAS for M > 1 unless the rows share their active channels. An
+earlier version (warp 0 compacting serially, 4 loads in flight) was 1.0x at 50 %.
 """
 
 from __future__ import annotations
