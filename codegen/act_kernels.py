@@ -357,9 +357,11 @@ def _act_bitmap_func(M, N, K, nb, NV_, mt, pf):
                 for g in T.unroll(G):
                     acc[i, T.Ramp(g * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
             for j in range(CNT[0]):
-                if pf > 0:
-                    ck._prefetch(VAL[T.Cast("int64", OFF[p, IDX[T.min(j + pf, CNT[0] - 1)]])])
-                    ck._prefetch(MK[p, IDX[T.min(j + pf, CNT[0] - 1)], 0])
+                if pf > 0:  # the values (one prefetch per line, up to the row's end) and masks ahead
+                    kn = T.meta_var(IDX[T.min(j + pf, CNT[0] - 1)])
+                    for q in T.unroll(G):
+                        ck._prefetch(VAL[T.Cast("int64", T.min(OFF[p, kn] + q * 16, OFF[p, kn + 1]))])
+                    ck._prefetch(MK[p, kn, 0])
                 off[0] = T.Cast("int64", OFF[p, IDX[j]])
                 for g in T.unroll(G):
                     vb[T.Ramp(0, 1, 16)] = ck._expand16(
@@ -477,7 +479,8 @@ def build_act_bitmap(
 ) -> ck.CPUKernel:
     """Activation-sparse kernel over a weight-sparse W (per-channel 16-output bitmaps; see
     the module docstring). Needs AVX-512 and ``N % n_panel == 0``. Schedule: ``n_panel``
-    (default 64), ``prefetch`` (distance in active channels, default 4). M <= 8."""
+    (default: the widest of 256/128/64/32/16 dividing N with at most 16 zmm accumulators),
+    ``prefetch`` (distance in active channels, default 4). M <= 8."""
     a = _w_onnx(w_onnx)
     M = ck._check_m(M)
     target = ck._resolve_target(target)
@@ -488,7 +491,9 @@ def build_act_bitmap(
     if M > 8:
         raise ValueError(f"the activation-sparse bitmap kernel handles M <= 8; got M={M}")
     k, n = a.shape
-    sch = ck._merge_schedule({"n_panel": 64 if M <= 4 else 32, "prefetch": 4}, schedule, "act_bitmap")
+    # widest panel whose M x n_panel/16 accumulators fit 16 zmm: long runs per active channel
+    default_nb = next((nb for nb in (256, 128, 64, 32, 16) if M * nb // 16 <= 16 and n % nb == 0), 16)
+    sch = ck._merge_schedule({"n_panel": default_nb, "prefetch": 4}, schedule, "act_bitmap")
     nb = int(sch["n_panel"])
     if nb < 16 or nb % 16 or n % nb:
         raise ValueError(f"act_bitmap needs n_panel a multiple of 16 dividing N={n}; got {nb}")
