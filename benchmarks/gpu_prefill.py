@@ -3,10 +3,12 @@
 For M >= 256 (prefill) every linear op of a compiled model runs TVM's dense matmul with
 dlight's default GPU schedule (`relax_build.compile_cuda_module`), in the model's dtype.
 This times that matmul, `Y[M, N] = X[M, K] @ W`, against cuBLAS through torch
-(`F.linear`, the baseline a user would pick; fp32 without TF32, torch's default), for fp16
-and fp32, with W in the model's layout `W_onnx[K, N]` ("NN", what the compiled model runs)
-and pre-transposed `W[N, K]` ("NT"). Times: CUDA events, median of 30 calls after 5
-warm-ups; inputs N(0, 1); every TVM result is checked against torch in float64.
+(`F.linear`, the baseline a user would pick; fp32 without TF32, torch's default), for fp16,
+fp32 and "mixed" (fp16 X and W, fp32 accumulation and Y: what an fp32 model could run on
+tensor cores, timed against cuBLAS fp32), with W in the model's layout `W_onnx[K, N]`
+("NN", what the compiled model runs) and pre-transposed `W[N, K]` ("NT"). Times: CUDA
+events, median of 30 calls after 5 warm-ups; inputs N(0, 1); every TVM result is checked
+against torch in float64.
 
     python benchmarks/gpu_prefill.py       # needs a CUDA GPU, TVM and torch
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # (K, N): a 7B attention projection and FFN up
 MS = [256, 2048]
-DTYPES = ["float16", "float32"]
+DTYPES = ["float16", "float32", "mixed"]  # mixed: X, W in fp16, fp32 accumulate and Y (for fp32 models)
 LAYOUTS = ["NN", "NT"]
 REPEAT, WARMUP = 30, 5
 
@@ -34,13 +36,17 @@ def dlight_matmul(m: int, n: int, k: int, dtype: str, layout: str, target):
     from tvm import te
     from tvm.s_tir import dlight as dl
 
-    x = te.placeholder((m, k), dtype, name="X")
-    w = te.placeholder((k, n) if layout == "NN" else (n, k), dtype, name="W")
+    in_dt, out_dt = ("float16", "float32") if dtype == "mixed" else (dtype, dtype)
+    x = te.placeholder((m, k), in_dt, name="X")
+    w = te.placeholder((k, n) if layout == "NN" else (n, k), in_dt, name="W")
     r = te.reduce_axis((0, k), name="k")
-    if layout == "NN":
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
-    else:
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="Y")
+
+    def wv(j, r):
+        return w[r, j] if layout == "NN" else w[j, r]
+
+    y = te.compute(
+        (m, n), lambda i, j: te.sum(x[i, r].astype(out_dt) * wv(j, r).astype(out_dt), axis=r), name="Y"
+    )
     mod = tvm.IRModule({"mm": te.create_prim_func([x, w, y]).with_attr("global_symbol", "mm")})
     with target:
         mod = dl.ApplyDefaultSchedule(
@@ -80,15 +86,24 @@ def main() -> int:
     for k, n in SHAPES:
         for m in MS:
             for dtype in DTYPES:
-                tdt = getattr(torch, dtype)
+                tdt = torch.float16 if dtype == "mixed" else getattr(torch, dtype)
                 x = torch.randn(m, k, device="cuda", dtype=tdt)
                 w = torch.randn(n, k, device="cuda", dtype=tdt) / k**0.5
                 ref = (x.double() @ w.double().T).float()
-                cublas = time_ms(lambda x=x, w=w: F.linear(x, w))
+                if dtype == "mixed":  # against what an fp32 model would run: cuBLAS fp32
+                    x32, w32 = x.float(), w.float()
+                    cublas = time_ms(lambda x32=x32, w32=w32: F.linear(x32, w32))
+                else:
+                    cublas = time_ms(lambda x=x, w=w: F.linear(x, w))
                 for layout in LAYOUTS:
-                    fn = dlight_matmul(m, n, k, dtype, layout, target)
+                    try:
+                        fn = dlight_matmul(m, n, k, dtype, layout, target)
+                    except Exception as exc:  # a schedule dlight cannot build: say so, go on
+                        print(f"K={k} N={n} M={m} {dtype} {layout}: build failed: {exc}", flush=True)
+                        continue
                     wl = w.T.contiguous() if layout == "NN" else w
-                    y = torch.full((m, n), float("nan"), device="cuda", dtype=tdt)
+                    y_dt = torch.float32 if dtype == "mixed" else tdt
+                    y = torch.full((m, n), float("nan"), device="cuda", dtype=y_dt)
                     fn(x, wl, y)
                     torch.cuda.synchronize()
                     err = float((y.float() - ref).norm() / ref.norm())
@@ -125,7 +140,8 @@ def main() -> int:
         f"# Prefill dense matmul: TVM dlight vs cuBLAS (torch F.linear), {device}",
         "",
         "Y[M, N] = X[M, K] @ W; NN = W as the model stores it ([K, N], what the compiled model runs),",
-        "NT = W pre-transposed ([N, K]). cuBLAS fp32 without TF32 (torch's default). Median of "
+        "NT = W pre-transposed ([N, K]). cuBLAS fp32 without TF32 (torch's default). mixed = fp16 X "
+        "and W, fp32 accumulation and Y (dlight tensor cores), timed against cuBLAS fp32. Median of "
         f"{REPEAT} CUDA-event timings.",
         "",
         "| K | N | M | dtype | layout | dlight ms | dlight TFLOP/s | cuBLAS ms | cuBLAS TFLOP/s "
@@ -150,7 +166,9 @@ def _plot(rows, path: Path, device: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4))
-    labels = [f"{r['K']}→{r['N']}\nM={r['M']}\n{r['dtype'][5:]} {r['layout']}" for r in rows]
+    labels = [
+        f"{r['K']}→{r['N']}\nM={r['M']}\n{r['dtype'].replace('float', 'fp')} {r['layout']}" for r in rows
+    ]
     ax.bar(range(len(rows)), [r["fraction_of_cublas"] for r in rows], color="tab:blue")
     ax.axhline(0.5, color="tab:red", linestyle="--", label="50 % of cuBLAS")
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
