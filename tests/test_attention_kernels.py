@@ -353,3 +353,18 @@ def test_rewrite_import_forms_match_onnxruntime(form):
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=host_target()), tvm.cpu())
     got = vm["main_t"](*[tvm.runtime.tensor(feeds[k]) for k in "QKV"]).numpy()
     np.testing.assert_allclose(got, g.run_ort(model, feeds)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_dense_buckets_are_left_alone():
+    from sparsegraph.codegen import relax_build
+    from sparsegraph.codegen.attention_rewrite import sparse_attention
+    from sparsegraph.codegen.rewrites import FACTORIES, RewriteContext
+    from sparsegraph.codegen.target import host_target
+
+    assert sparse_attention in FACTORIES
+    model, shape = _core_model("scale_q")
+    mod = tvm.IRModule({"main_t": relax_build.import_bucket(model, {k: shape for k in "QKV"})})
+    mod = tvm.relax.transform.FoldConstant()(mod)
+    ctx = RewriteContext(host_target(), False, None, dense_tags=frozenset({"t"}))
+    out = sparse_attention(ctx)(mod)
+    assert ctx.decisions == [] and "call_tir" not in out["main_t"].script()
