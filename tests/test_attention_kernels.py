@@ -93,11 +93,23 @@ def test_layout_from_bias_classifies_blocks():
         ak.BlockLayout.from_bias(np.zeros((96, 96), np.float32), 64)
 
 
-def test_cuda_kernel_compiles_to_source():
+@pytest.mark.parametrize("io", ["float16", "float32"])
+def test_cuda_kernel_compiles_to_source(io, tmp_path):
+    """CUDA C from TVM; where nvcc is installed (no GPU needed) it must also build a cubin."""
+    import shutil
+    import subprocess
+
     layout = ak.BlockLayout.from_bias(_causal(256, 256), 64)
-    k = ak.build_attention(layout, 4, 2, 128, target=CUDA)
+    k = ak.build_attention(layout, 4, 2, 128, target=CUDA, io_dtype=io)
     src = k.executable.mod.imports[0].inspect_source()
-    assert "__shfl_sync" in src and "uint4" in src and "__shared__" in src
+    assert "__shfl_sync" in src and "__shared__" in src
+    assert ("uint4" if io == "float16" else "float4") in src  # 16-byte global loads
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        (tmp_path / "k.cu").write_text(src)
+        cmd = [nvcc, "-arch=sm_90", "-cubin", "-w", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.cubin")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _has_cuda() -> bool:
