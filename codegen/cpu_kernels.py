@@ -322,7 +322,8 @@ def _symbol(fmt: str, m: int, n: int, k: int) -> str:
 def _finish(fmt, label, prim, shape, weights, schedule, target) -> CPUKernel:
     m, n, k = shape
     sym = _symbol(re.sub(r"\W", "_", label), m, n, k)
-    prim = prim.with_attr("global_symbol", sym)
+    # is_scheduled: compile pipelines that schedule TIR (`cpu_schedule`, dlight) leave it as is
+    prim = prim.with_attr("global_symbol", sym).with_attr("tirx.is_scheduled", True)
     ex = tvm.compile(tvm.IRModule({sym: prim}), target=target)
     return CPUKernel(fmt, shape, prim, weights, schedule, target, ex)
 

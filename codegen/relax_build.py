@@ -25,6 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+from sparsegraph.codegen.cpu_schedule import compile_cpu
 from sparsegraph.errors import UsageError
 
 MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -188,8 +189,7 @@ def build_module(
     _release(swapper, lifter)
     if str(target.kind.name) == "cuda":
         return compile_cuda_module(mod, target), replaced, params, param_names
-    with target:
-        executable = tvm.compile(mod, target=target)
+    executable = compile_cpu(mod, target)  # TVM's CPU pipeline + schedules for the other ops
     del mod
     gc.collect()
     return executable, replaced, params, param_names
