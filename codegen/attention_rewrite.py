@@ -13,12 +13,14 @@ of
 The chain is folded into ``scale * Q Kt + bias`` with one constant bias; `BlockLayout.from_bias`
 lists the kept (query block, key block) tiles, and the subgraph becomes one ``call_tir`` to
 `attention_kernels.build_attention` (llvm: float32; CUDA: float16, or float32 staged in
-float16), with Q, Kt, V reshaped
-to ``[heads, L, d]``. GQA is recognised when K/V's leading dims equal the output's up to
-trailing ones (e.g. ``[1, Hkv, 1]`` vs ``[1, Hkv, G]``); other broadcasts are materialised.
-Declined sites (mask depends on inputs, a row drops every key, no block size divides L,
-wrong dtype) are left to TVM's lowering and reported. Buckets in ``ctx.dense_tags`` are not
-touched. Dead dense attention bindings are removed afterwards.
+float16), with Q, Kt, V reshaped to ``[heads, L, d]``. GQA is recognised when K/V's leading
+dims equal the output's up to trailing ones (e.g. ``[1, Hkv, 1]`` vs ``[1, Hkv, G]``); other
+broadcasts are materialised. On llvm each distinct kernel is also timed (hot, random inputs;
+``kernel_us``) against the same kernel over all blocks (``all_blocks_us``: the work the mask
+lets it skip), unless the dense attention exceeds 2e10 FLOPs. Declined sites (mask depends
+on inputs, a row drops every key, no block size divides L, wrong dtype) are left to TVM's
+lowering and reported. Buckets in ``ctx.dense_tags`` are not touched. Dead dense attention
+bindings are removed afterwards.
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ class _Rewriter(relax.PyExprMutator):
                 )
             except ValueError as exc:
                 raise Decline(str(exc)) from None
-            self._kernels[key] = (kernel, self.builder_.add_func(kernel.prim_func, kernel.symbol))
-        kernel, gv = self._kernels[key]
+            timing = _time_llvm(kernel, self.ctx.target) if self.kind == "llvm" else {}
+            self._kernels[key] = (kernel, self.builder_.add_func(kernel.prim_func, kernel.symbol), timing)
+        kernel, gv, timing = self._kernels[key]
         layout = kernel.layout
         q3 = self.builder_.emit(relax.op.reshape(site.q, [nq, lq, d]))
         kt3 = self.builder_.emit(relax.op.reshape(kt, [nk, d, lk]))
@@ -233,8 +236,35 @@ class _Rewriter(relax.PyExprMutator):
             density=round(layout.density, 4),
             partial_blocks=layout.partial,
             kernel=kernel.symbol,
+            **timing,
         )
         return relax.op.reshape(out, out_shape)
+
+
+def _time_llvm(kernel: ak.AttentionKernel, target: Any, max_flops: float = 2e10) -> dict[str, float]:
+    """Hot wall time (µs) of `kernel` and of the same kernel over all blocks (the dense work it
+    skips), on random inputs; {} when the dense attention exceeds `max_flops` (compile time)."""
+    from .target import time_function
+
+    s = kernel.shape
+    if 2 * s["nq"] * s["lq"] * s["lk"] * (s["d"] + s["dv"]) > max_flops:
+        return {}
+    rng = np.random.default_rng(0)
+    args = [
+        tvm.runtime.tensor(rng.standard_normal(shape).astype(np.float32))
+        for shape in ((s["nq"], s["lq"], s["d"]), (s["nk"], s["d"], s["lk"]), (s["nk"], s["lk"], s["dv"]))
+    ]
+    out = tvm.runtime.empty((s["nq"], s["lq"], s["dv"]), "float32", tvm.cpu())
+    lay = kernel.layout
+    dense = ak.BlockLayout.from_blocks(np.ones((lay.nqb, lay.nkb), bool), lay.bs)
+    times = {}
+    for name, layout in (("kernel_us", lay), ("all_blocks_us", dense)):
+        mdiv = kernel.mdiv if layout is lay else s["nq"]
+        built = ak.build_attention(layout, s["nq"], s["nk"], s["d"], s["dv"], kernel.scale, mdiv, target)
+        consts = [tvm.runtime.tensor(a) for a in built.consts]
+        fn = built.executable[built.symbol]
+        times[name] = round(time_function(fn, [*args, *consts, out], repeat=3, number=1) * 1e6, 1)
+    return times
 
 
 def _group(k_lead: list[int], lead: list[int]) -> int | None:
