@@ -81,6 +81,17 @@ def test_llvm_kernel_matches_numpy(name):
     np.testing.assert_allclose(k(q, kt, v), ak.reference(q, kt, v, bias, k.scale, mdiv), atol=2e-5, rtol=1e-4)
 
 
+def test_llvm_kernel_chunked_prefill_lq_ne_lk():
+    """Queries are the last Lq of Lk positions (chunked prefill over a cache): right-aligned causal."""
+    lq, lk = 128, 320
+    bias = _causal(lq, lk)
+    layout = ak.BlockLayout.from_bias(bias, 64)
+    assert (layout.nqb, layout.nkb, layout.kept) == (2, 5, 9)
+    k = ak.build_attention(layout, 2, 1, 16)
+    q, kt, v = _qkv(2, 1, lq, lk, 16)
+    np.testing.assert_allclose(k(q, kt, v), ak.reference(q, kt, v, bias, k.scale), atol=2e-5, rtol=1e-4)
+
+
 def test_layout_from_bias_classifies_blocks():
     bias = _causal(128, 128)
     lay = ak.BlockLayout.from_bias(bias, 64)
