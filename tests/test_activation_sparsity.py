@@ -212,17 +212,22 @@ def test_cats_on_an_ungated_mlp_thresholds_the_down_input():
 
 # ---------------------------------------------------------------------------------- greedy
 def test_greedy_allocation_meets_the_budget_and_prefers_cheap_sites():
-    levels = np.arange(0, 1, 0.1)
-    errors = [levels**2, 10 * levels**2, levels**2]
-    s = greedy_allocation(errors, levels, [1.0, 1.0, 2.0], 0.5)
+    calls = []
+
+    def error(levels):  # site 1 is ten times as sensitive
+        calls.append(levels.copy())
+        return float(np.sum(np.array([1.0, 10.0, 1.0]) * levels**2))
+
+    s = greedy_allocation(error, [1.0, 1.0, 2.0], 0.5, step=0.05)
     assert abs((s * [1, 1, 2]).sum() / 4 - 0.5) < 1e-9
     assert s[1] < s[0] and s[1] < s[2]
+    assert np.all(calls[0] == 0)  # starts dense
 
 
 def test_greedy_pass_meets_the_budget_on_stories260k(stories_calib):
     calib, _ = stories_calib
     model = sg.Model.load(STORIES)
-    steps = [{"pass": "activation_sparsity", "sparsity": 0.4, "allocation": "greedy", "sample_rows": 256}]
+    steps = [{"pass": "activation_sparsity", "sparsity": 0.4, "allocation": "greedy", "greedy_batches": 1}]
     _, result = _run(model, steps, calib)
     recs = [c.detail for c in result.changes]
     weighted = sum(r["target"] * r["params"] for r in recs) / sum(r["params"] for r in recs)

@@ -27,8 +27,10 @@ rewired to `y`; stock onnxruntime reproduces the accuracy exactly.
 Thresholds are quantiles of `|x|` (sparsity `s` = fraction of entries at or below `T`)
 from fine log histograms (`calibration.AbsHistogram`) of the calibration data, less the
 last `holdout` fraction of its batches, which measure the sparsity reached on data the
-thresholds never saw. `allocation: greedy` distributes the model-wide budget over the
-sites (`greedy_allocation`, TEAL's procedure), weighting each site by the weights it feeds.
+thresholds never saw. `allocation: greedy` distributes the budget over the sites of each
+transformer block (`scope: block`, TEAL's) or of the whole model (`scope: model`) by
+`greedy_allocation`, weighting each site by the weights it feeds; the error is that of
+the model's outputs on a few calibration batches (`ActivationSparsity._greedy`).
 The report gets an `activation_sparsity` section (per site: threshold, target,
 calibration and held-out sparsity) with a plot.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -50,6 +52,7 @@ import pydantic
 from sparsegraph.calibration import (
     AbsHistogram,
     Calibration,
+    _session,
     calibration_of,
     complete_feeds,
     stream_tensors,
@@ -106,39 +109,44 @@ def chess_thresholds(hist: AbsHistogram, sparsity: float) -> np.ndarray:
 
 
 def greedy_allocation(
-    errors: Sequence[np.ndarray], levels: np.ndarray, weights: Sequence[float], budget: float
+    error: Callable[[np.ndarray], float],
+    weights: Sequence[float],
+    budget: float,
+    step: float = 0.1,
+    max_level: float = 0.99,
 ) -> np.ndarray:
-    """Per-site sparsities meeting a weighted model-wide `budget` (TEAL's greedy
-    allocation, Liu et al., 2024, arXiv:2408.14690, Sec. 4.2).
+    """Per-site sparsities meeting a weighted `budget` (TEAL's block-wise greedy
+    optimization, Liu et al., 2024, arXiv:2408.14690; the pass calls it per transformer
+    block, as TEAL does, or once for the whole model with `scope: model`).
 
-    `errors[i][l]` is site i's output error at sparsity `levels[l]` (`levels[0] = 0`,
-    increasing); `weights[i]` the weight size it feeds. Starting from 0 everywhere, the
-    site whose next level adds the least error per unit of budget gained
-    (`Δerror / (weight · Δlevel)`) is raised, until `Σ wᵢ sᵢ / Σ wᵢ >= budget`; the last
-    step is shortened so the budget is met exactly (sparsity is continuous).
+    `error(s)` is the output error with site i at sparsity `s[i]`; `weights[i]` the weight
+    size site i feeds. Starting from 0 everywhere, each round tries raising every site by
+    `step` and keeps the raise that adds the least error per unit of budget gained
+    (`Δerror / (wᵢ · Δsᵢ)`), until `Σ wᵢ sᵢ / Σ wᵢ >= budget`; the last raise is shortened
+    so the budget is met exactly (sparsity is continuous).
     """
-    levels = np.asarray(levels, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
-    if not 0 <= budget <= levels[-1]:
-        raise ValueError(f"budget {budget} outside [0, {levels[-1]}]")
-    at = np.zeros(len(w), dtype=int)
-    total = w.sum()
+    if not 0 <= budget <= max_level:
+        raise ValueError(f"budget {budget} outside [0, {max_level}]")
     s = np.zeros(len(w))
-    while (w * s).sum() < budget * total - 1e-12:
-        best, best_cost = -1, math.inf
+    current = error(s)
+    while (w * s).sum() < budget * w.sum() - 1e-12:
+        best, best_cost, best_err = -1, math.inf, current
         for i in range(len(w)):
-            if at[i] + 1 >= len(levels):
+            if s[i] >= max_level:
                 continue
-            gain = w[i] * (levels[at[i] + 1] - levels[at[i]])
-            cost = (errors[i][at[i] + 1] - errors[i][at[i]]) / gain
+            trial = s.copy()
+            trial[i] = min(s[i] + step, max_level)
+            err = error(trial)
+            cost = (err - current) / (w[i] * (trial[i] - s[i]))
             if cost < best_cost:
-                best, best_cost = i, cost
+                best, best_cost, best_err = i, cost, err
         if best < 0:
             break
-        at[best] += 1
-        s[best] = levels[at[best]]
-        over = (w * s).sum() - budget * total
-        if over > 0:  # shorten the last step to land on the budget
+        s[best] = min(s[best] + step, max_level)
+        current = best_err
+        over = (w * s).sum() - budget * w.sum()
+        if over > 0:  # shorten the last raise to land on the budget
             s[best] -= over / w[best]
     return s
 
@@ -156,10 +164,9 @@ class Site:
     params: int  # weights the site feeds (budget weight)
     weights: list[np.ndarray]  # W[N, K] applied to the site's output (error of the layer output)
     per_channel: bool = False
-    partner: gs.Variable | None = None  # CATS: the up output multiplied with x
     sparsity: float = 0.0
     threshold: np.ndarray | None = None
-    t_const: gs.Constant | None = None  # the inserted T
+    knob: gs.Constant | None = None  # the inserted T (thresholds) or K (topk)
     keep: int | None = None  # topk
     measured: dict[str, float] = field(default_factory=dict)
 
@@ -252,25 +259,24 @@ def cats_sites(
             if found is None or len(downs) != 1:
                 warnings.append(f"left {op.name!r} untouched: no gating Mul with an ffn.up found")
                 continue
-            a, mul, u = found
+            a, mul, _ = found
             down = downs[0]
-            params = op.shape[0] * op.shape[1] + sum(x.shape[0] * x.shape[1] for x in group.get("ffn.up", []))
+            # a zero skips its up row and down column (the gate itself must be computed)
+            params = sum(x.shape[0] * x.shape[1] for x in group.get("ffn.up", []))
             params += down.shape[0] * down.shape[1]
             sites.append(
                 Site(
                     a,
                     [mul],
-                    [op.name, down.name],
+                    [*(x.name for x in group.get("ffn.up", [])), down.name],
                     ["ffn.gate"],
                     op.shape[0],
                     params,
                     [down.weight.matrix()],
-                    partner=u,
                 )
             )
         elif r.role == "ffn.down" and "ffn.gate" not in group:
-            ups = group.get("ffn.up", [])
-            params = op.shape[0] * op.shape[1] + sum(u.shape[0] * u.shape[1] for u in ups)
+            params = op.shape[0] * op.shape[1]  # the up projection and activation stay dense
             node = op.weight.node
             sites.append(
                 Site(
@@ -288,7 +294,7 @@ def insert_threshold(graph: gs.Graph, site: Site, tag: str) -> gs.Variable:
     absx = gs.Variable(f"{tag}/abs", dtype=dtype, shape=x.shape)
     gt = gs.Variable(f"{tag}/keep", dtype=np.bool_, shape=x.shape)
     y = gs.Variable(f"{tag}/sparse", dtype=dtype, shape=x.shape)
-    t = site.t_const = gs.Constant(f"{tag}/threshold", np.asarray(site.threshold, dtype=dtype))
+    t = site.knob = gs.Constant(f"{tag}/threshold", np.asarray(site.threshold, dtype=dtype))
     z = gs.Constant(f"{tag}/zero", np.zeros((), dtype=dtype))
     graph.nodes += [
         gs.Node("Abs", f"{tag}/Abs", inputs=[x], outputs=[absx]),
@@ -315,7 +321,7 @@ def insert_topk(graph: gs.Graph, site: Site, tag: str) -> gs.Variable:
         )
     }
     y = gs.Variable(f"{tag}/sparse", dtype=dtype, shape=x.shape)
-    k = gs.Constant(f"{tag}/k", np.array([site.keep], dtype=np.int64))
+    k = site.knob = gs.Constant(f"{tag}/k", np.array([site.keep], dtype=np.int64))
     zero = gs.Constant(f"{tag}/zero", np.zeros(1, dtype=dtype))
     graph.nodes += [
         gs.Node("Abs", f"{tag}/Abs", inputs=[x], outputs=[v["abs"]]),
@@ -415,10 +421,14 @@ class ActivationSparsityConfig(TargetedConfig):
         lt=1.0,
         description="fraction of calibration batches held out to measure the sparsity reached",
     )
-    sample_rows: int = pydantic.Field(
-        1024, gt=0, description="calibration rows per tensor kept for greedy errors"
+    greedy_batches: int = pydantic.Field(
+        2, gt=0, description="greedy: calibration batches on which the output error is measured"
     )
-    step: float = pydantic.Field(0.05, gt=0.0, lt=1.0, description="greedy: sparsity step per move")
+    step: float = pydantic.Field(0.1, gt=0.0, lt=1.0, description="greedy: sparsity step per move")
+    scope: Literal["block", "model"] = pydantic.Field(
+        "block",
+        description="greedy: meet the budget in every transformer block (TEAL's) or over the whole model",
+    )
     refine: int = pydantic.Field(
         2, ge=0, description="rounds re-fitting thresholds on the model with every site already sparsified"
     )
@@ -467,11 +477,9 @@ class ActivationSparsity(TargetedRewrite):
         fit, held = _split(calib, model, c.holdout)
         if not held:
             warnings.append("calibration batches could not be split: no held-out sparsity measured")
-        hists, samples = self._collect(model, sites, fit, c.allocation == "greedy")
+        hists = self._collect(model, sites, fit)
         if c.allocation == "greedy":
-            levels = np.unique(np.r_[np.arange(0.0, 0.99, c.step), min(max(c.sparsity, 0.0), 0.99)])
-            errors = [self._errors(s, hists[i], samples[i], levels) for i, s in enumerate(sites)]
-            alloc = greedy_allocation(errors, levels, [s.params for s in sites], c.sparsity)
+            alloc = self._greedy(model, sites, hists, fit[: c.greedy_batches], roles)
         else:
             alloc = np.full(len(sites), c.sparsity)
         changes = []
@@ -510,59 +518,108 @@ class ActivationSparsity(TargetedRewrite):
         (by up to ~5 % on stories260K); `refine` rounds of quantiles on the rewritten model
         bring every site back to its target on the calibration data."""
         for _ in range(self.config.refine):
-            hists, _ = self._collect(model, sites, batches, greedy=False)
+            hists = self._collect(model, sites, batches)
             for site, hist in zip(sites, hists, strict=True):
                 site.threshold = (chess_thresholds if site.per_channel else teal_threshold)(
                     hist, site.sparsity
                 )
-                site.t_const.values = np.asarray(site.threshold, dtype=site.t_const.values.dtype)
+                site.knob.values = np.asarray(site.threshold, dtype=site.knob.values.dtype)
 
-    def _collect(self, model, sites, batches, greedy):
-        """Histograms of |x| per site (per channel for CHESS FFN sites) and, for greedy,
-        evenly strided row samples of x (and of CATS's partner u)."""
+    def _collect(self, model: Model, sites: list[Site], batches: list) -> list[AbsHistogram]:
+        """Histograms of |x| per site (per channel for CHESS's FFN sites) on `batches`."""
         start = time.perf_counter()
         hists = [AbsHistogram(s.dim, per_channel=s.per_channel) for s in sites]
-        samples: list[list[list[np.ndarray]]] = [[[], []] for _ in sites]
-        names = [s.x.name for s in sites] + [s.partner.name for s in sites if s.partner is not None]
-        per_batch = math.ceil(self.config.sample_rows / max(len(batches), 1))
-        for outs in stream_tensors(model, names, batches, total=len(batches)):
-            for i, s in enumerate(sites):
-                x = np.asarray(outs[s.x.name]).reshape(-1, s.dim)
-                hists[i].update(x)
-                if greedy:
-                    rows = np.unique(np.linspace(0, len(x) - 1, min(per_batch, len(x))).astype(int))
-                    samples[i][0].append(x[rows].astype(np.float32))
-                    if s.partner is not None:
-                        samples[i][1].append(np.asarray(outs[s.partner.name]).reshape(-1, s.dim)[rows])
-        stacked = [
-            (
-                np.concatenate(a)[: self.config.sample_rows] if a else None,
-                np.concatenate(b)[: self.config.sample_rows] if b else None,
-            )
-            for a, b in samples
-        ]
+        for outs in stream_tensors(model, [s.x.name for s in sites], batches, total=len(batches)):
+            for hist, s in zip(hists, sites, strict=True):
+                hist.update(np.asarray(outs[s.x.name]).reshape(-1, s.dim))
         self._calib.seconds += time.perf_counter() - start
         self._calib.runs += 1
-        return hists, stacked
+        return hists
 
-    def _errors(self, site: Site, hist: AbsHistogram, sample, levels: np.ndarray) -> np.ndarray:
-        """Relative output error `‖(x - x_s) Wᵀ‖² / ‖x Wᵀ‖²` of the site's linear consumers on
-        the sampled rows at each level (CATS: `x ⊙ u` is what the down projection sees)."""
-        x, u = sample
-        ref = x if u is None else x * u
-        dense = sum(float(np.sum((ref @ w.T.astype(np.float32)) ** 2)) for w in site.weights) or 1.0
-        out = np.zeros(len(levels))
-        for li, level in enumerate(levels):
-            if level <= 0:
-                continue
-            if self.config.method == "topk":
-                xs = topk_mask(x, keep_count(level, site.dim))
+    def _greedy(self, model: Model, sites: list[Site], hists: list[AbsHistogram], batches: list, roles):
+        """TEAL's greedy allocation (`greedy_allocation`), per block or over the model, with
+        the error measured end to end: the relative squared error of the model's float outputs
+        on `batches`, with the sites being allocated at their trial sparsity and every other
+        site dense (blocks are allocated independently, as in TEAL). The sites are inserted
+        into a probe copy whose thresholds (K for topk) are graph inputs."""
+        c = self.config
+        probe = model.copy()
+        tensors = probe.graph.tensors()
+        nodes = {n.name: n for n in probe.graph.nodes}
+        knobs = []
+        for i, site in enumerate(sites):
+            shadow = Site(
+                tensors[site.x.name], [nodes[n.name] for n in site.consumers], [], [], site.dim, 0, []
+            )
+            tag = f"{site.x.name}/act_sparsity_greedy_{i}"
+            if c.method == "topk":
+                shadow.keep = site.dim
+                insert_topk(probe.graph, shadow, tag)
             else:
-                t = (chess_thresholds if site.per_channel else teal_threshold)(hist, level)
-                xs = threshold_mask(x, t.astype(np.float32))
-            d = x - xs if u is None else (x - xs) * u
-            out[li] = sum(float(np.sum((d @ w.T.astype(np.float32)) ** 2)) for w in site.weights) / dense
-        return out
+                shadow.threshold = np.zeros(site.dim if site.per_channel else ())
+                insert_threshold(probe.graph, shadow, tag)
+            const = shadow.knob
+            var = gs.Variable(f"{tag}/knob", dtype=const.values.dtype, shape=list(const.values.shape))
+            for node in list(const.outputs):
+                for j, t in enumerate(node.inputs):
+                    if t is const:
+                        node.inputs[j] = var
+            probe.graph.inputs.append(var)
+            knobs.append(var.name)
+        probe.graph.cleanup().toposort()
+        outputs = [
+            t.name for t in probe.graph.outputs if t.dtype is not None and np.dtype(t.dtype).kind == "f"
+        ]
+        cache: dict[tuple[int, float], np.ndarray] = {}
+
+        def knob(i: int, level: float) -> np.ndarray:
+            key = (i, round(float(level), 9))
+            if key not in cache:
+                site = sites[i]
+                if c.method == "topk":
+                    cache[key] = np.array([keep_count(level, site.dim) if level > 0 else site.dim], np.int64)
+                elif level <= 0:
+                    cache[key] = np.zeros(site.dim if site.per_channel else (), np.float32)
+                else:
+                    t = (chess_thresholds if site.per_channel else teal_threshold)(hists[i], level)
+                    cache[key] = np.asarray(t, np.float32)
+            return cache[key]
+
+        start = time.perf_counter()
+        dense_knobs = {name: knob(i, 0.0) for i, name in enumerate(knobs)}
+        alloc = np.zeros(len(sites))
+        with _session(probe) as sess:
+            dense = [sess.run(outputs, {**feed, **dense_knobs}) for feed in batches]
+            norm = sum(float(np.sum(np.square(d, dtype=np.float64))) for ds in dense for d in ds) or 1.0
+            for group in _blocks(sites, roles, c.scope):
+
+                def error(levels: np.ndarray, group=group) -> float:
+                    trial = dict(dense_knobs)
+                    for i, level in zip(group, levels, strict=True):
+                        trial[knobs[i]] = knob(i, level)
+                    err = 0.0
+                    for feed, ref in zip(batches, dense, strict=True):
+                        for y, d in zip(sess.run(outputs, {**feed, **trial}), ref, strict=True):
+                            err += float(np.sum(np.square(y - d, dtype=np.float64)))
+                    return err / norm
+
+                params = [sites[i].params for i in group]
+                alloc[group] = greedy_allocation(error, params, c.sparsity, c.step, max(0.99, c.sparsity))
+        self._calib.seconds += time.perf_counter() - start
+        self._calib.runs += 1
+        return alloc
+
+
+def _blocks(sites: list[Site], roles, scope: str) -> list[list[int]]:
+    """Indices of the sites sharing a budget: per transformer block (the `roles` layer of the
+    first op a site feeds; sites outside any layer form one group) or all together."""
+    if scope == "model":
+        return [list(range(len(sites)))]
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(sites):
+        role = roles.get(s.ops[0])
+        groups.setdefault(role.layer if role is not None else None, []).append(i)
+    return list(groups.values())
 
 
 def _split(calib: Calibration, model: Model, holdout: float) -> tuple[list, list]:
