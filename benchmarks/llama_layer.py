@@ -4,7 +4,8 @@ Builds a one-layer llama (dim 4096, FFN 11008, 32 heads; random weights ~ N(0, 1
 with the llama2.c exporter, prunes every projection to `--sparsity` (magnitude, per output
 row), compiles it for this CPU with measured dispatch, and times one token (M = 1) through
 onnxruntime on the dense original (the baseline), our dense compilation and our sparse
-compilation, in the same run. Cold and warm (tuning database filled) compile times too.
+compilation, in the same run, interleaved (one step of each in turn). Cold and warm
+(tuning database filled) compile times too.
 
     python benchmarks/llama_layer.py [--sparsity 0.7] [--dim 4096 --hidden 11008 --heads 32]
 """
@@ -62,14 +63,59 @@ def llama_layer(
     return export_onnx(cfg, weights)
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _time_interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (one call each per round), so
+    all see the same machine state (the DRAM bandwidth this VM gets drifts over minutes)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def per_call_ms(folder: Path, feeds: dict[str, np.ndarray], repeat: int = 5) -> dict[str, float]:
+    """Where a compiled model's step goes: mean ms per step of every function the Relax VM
+    calls (our kernels ``sg_*``, TVM-generated TIR, ``vm.builtin.*``), timed by the VM's
+    instrument hook (wall time around each call; adds a few us per call)."""
+    import tvm
+    from tvm import relax
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    bucket = manifest["buckets"][0]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / "module.so")), tvm.cpu())
+    with np.load(folder / "params.npz") as stored:
+        args = [tvm.runtime.tensor(np.asarray(feeds[i["name"]])) for i in manifest["inputs"]]
+        args += [tvm.runtime.tensor(stored[p]) for p in bucket["params"]]
+    total: dict[str, float] = {}
+    start: dict[str, float] = {}
+
+    def instrument(func, symbol, before, ret, *a):
+        if before:
+            start[symbol] = time.perf_counter()
+        else:
+            total[symbol] = total.get(symbol, 0.0) + time.perf_counter() - start[symbol]
+        return 0
+
+    fn = vm[bucket["function"]]
+    fn(*args)
+    vm.set_instrument(instrument)
+    for _ in range(repeat):
+        fn(*args)
+    return {k: v / repeat * 1e3 for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def _breakdown(ms: dict[str, float]) -> dict[str, float]:
+    kernels = sum(v for k, v in ms.items() if k.startswith("sg_"))
+    builtins = sum(v for k, v in ms.items() if k.startswith("vm."))
+    return {
+        "our kernels": kernels,
+        "other TIR": sum(ms.values()) - kernels - builtins,
+        "VM builtins": builtins,
+    }
 
 
 def main() -> None:
@@ -101,9 +147,19 @@ def main() -> None:
         tokens = np.array([[7]], dtype=np.int64)
         compiled, compiled_dense = Session(tmp / "pruned"), Session(tmp / "dense")
         ort_dense = session(dense_path)
-        t_ort = _time(lambda: ort_dense.run(None, {"tokens": tokens}), args.repeat)
-        t_dense = _time(lambda: compiled_dense.run(None, {"tokens": tokens}), args.repeat)
-        t_compiled = _time(lambda: compiled.run(None, {"tokens": tokens}), args.repeat)
+        t = _time_interleaved(
+            {
+                "ort": lambda: ort_dense.run(None, {"tokens": tokens}),
+                "dense": lambda: compiled_dense.run(None, {"tokens": tokens}),
+                "compiled": lambda: compiled.run(None, {"tokens": tokens}),
+            },
+            args.repeat,
+        )
+        t_ort, t_dense, t_compiled = t["ort"], t["dense"], t["compiled"]
+        profile = {
+            "compiled_dense": per_call_ms(tmp / "dense", {"tokens": tokens}),
+            "compiled_sparse": per_call_ms(tmp / "pruned", {"tokens": tokens}),
+        }
         (y,) = compiled.run(None, {"tokens": tokens})
         ref = session(portable).run(None, {"tokens": tokens})[0]
         rel = float(np.abs(y - ref).max() / np.abs(ref).max())
@@ -120,6 +176,7 @@ def main() -> None:
         "speedup_vs_onnxruntime": t_ort / t_compiled,
         "compile_seconds": {"cold": cold, "warm": warm},
         "max_rel_error_vs_portable": rel,
+        "per_call_ms": profile,
         "decisions": {
             op["op"]: op["decisions"]["1"]["label"] for op in manifest["ops"] if "1" in op["decisions"]
         },
@@ -130,7 +187,7 @@ def main() -> None:
     lines = [
         f"# Llama-7B-shaped decoder layer, {args.sparsity:.0%} unstructured, decode step (M = 1), this CPU",
         "",
-        "| runtime (same run, median of repeated steps) | ms / step | × onnxruntime dense |",
+        "| runtime (same run, interleaved, median of repeated steps) | ms / step | × onnxruntime dense |",
         "|---|---|---|",
         f"| onnxruntime, dense original | {d['onnxruntime_dense']:.2f} | 1.00 |",
         f"| compiled, pruned (dispatch) | {d['compiled_sparse']:.2f} | {t_ort / t_compiled:.2f} |",
@@ -140,6 +197,20 @@ def main() -> None:
         f"Max relative error vs the portable model in onnxruntime: {rel:.1e}.",
         "",
         "Kernels chosen: " + ", ".join(f"`{k}`: {v}" for k, v in result["decisions"].items()),
+        "",
+        "Where a step goes (ms per step, VM instrument hook, after the timed runs): "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in _breakdown(ms).items())
+            for name, ms in profile.items()
+        )
+        + ". Slowest TVM-generated functions (dense build): "
+        + ", ".join(
+            f"`{k}` {v:.3f}"
+            for k, v in list(
+                (k, v) for k, v in profile["compiled_dense"].items() if not k.startswith(("sg_", "vm."))
+            )[:4]
+        )
+        + ".",
     ]
     (args.out / "llama_layer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
