@@ -6,7 +6,8 @@ dtype), is specialised on (M, N, K, pattern sizes) and is written directly as a 
 TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
 
 * X is staged once per thread block into shared memory as fp16, transposed to
-  ``xs[k * MG + m]`` so one nonzero's M activations are one vector load. When
+  ``xs[k * MG + m]`` so one nonzero's M activations are one vector load (padded by a
+  vector every 8 columns against bank conflicts). When
   ``K * M * 2`` bytes would not fit (``SMEM_LIMIT``), M is cut into groups of MG rows and
   a second grid dimension runs the groups (W is then read once per group).
 * ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): one warp per output row (``rpw`` rows per
@@ -52,12 +53,13 @@ _SYMBOLS = itertools.count()
 #: schedules tried per format (first = default); rpw 0 = one persistent wave of blocks
 _ROW_SCHEDULES = [
     {"wpb": 8, "rpw": 0, "unroll": 2},
+    {"wpb": 32, "rpw": 0, "unroll": 2},
     {"wpb": 16, "rpw": 0, "unroll": 4},
     {"wpb": 8, "rpw": 1, "unroll": 2},
-    {"wpb": 32, "rpw": 0, "unroll": 2},
 ]
 SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
-    f: _ROW_SCHEDULES for f in ("dense", "csr", "dcsr", "nm", "bsr")
+    **{f: _ROW_SCHEDULES for f in ("dense", "csr", "dcsr", "nm", "bsr")},
+    "dlight": [{}],
 }
 
 
@@ -115,16 +117,24 @@ def _m_group(m: int, k: int) -> tuple[int, int]:
     """(MG, groups): rows of X staged per block (a power of two) and how many groups."""
     mp = 1 << (m - 1).bit_length()
     mg = mp
-    while mg > 1 and k * mg * 2 > SMEM_LIMIT:
+    while mg > 1 and _xs_size(k, mg) * 2 > SMEM_LIMIT:
         mg //= 2
     if k * 2 > SMEM_LIMIT:
         raise fmts.UnfitError(f"K = {k} too large to stage X in shared memory ({SMEM_LIMIT} bytes)")
     return mg, -(-m // mg)
 
 
+def _xs_size(K: int, MG: int) -> int:
+    """Elements of the staged X: ``K * MG``, plus (MG > 1) one vector of padding per 8
+    columns, so the lanes of a warp reading columns 8 apart hit distinct banks."""
+    return K * MG + (K // 8 * min(MG, 8) if MG > 1 else 0)
+
+
 def _stage_x_macro(M, K, MG, NT):
-    """Macro: the cooperative copy of X rows [by*MG, by*MG + MG) into xs[k * MG + m] (fp16);
-    one row (MG = 1) is copied 8 elements per thread and step."""
+    """Macro: the cooperative copy of X rows [by*MG, by*MG + MG) into shared memory, fp16,
+    ``xs[k * MG + m + (k // 8) * XV]`` (MG > 1) or ``xs[k]`` (MG = 1, copied 8 elements per
+    thread and step)."""
+    XV = min(MG, 8)
 
     @T.macro
     def stage(x, xs, by, ty, tx):
@@ -139,12 +149,14 @@ def _stage_x_macro(M, K, MG, NT):
             for it in range((K * MG + NT - 1) // NT):
                 if it * NT + ty * WARP + tx < K * MG:
                     if by * MG + (it * NT + ty * WARP + tx) % MG < M:
-                        xs[it * NT + ty * WARP + tx] = T.Cast(
+                        xs[it * NT + ty * WARP + tx + (it * NT + ty * WARP + tx) // (8 * MG) * XV] = T.Cast(
                             "float16",
                             x[by * MG + (it * NT + ty * WARP + tx) % MG, (it * NT + ty * WARP + tx) // MG],
                         )
                     else:
-                        xs[it * NT + ty * WARP + tx] = T.float16(0)
+                        xs[it * NT + ty * WARP + tx + (it * NT + ty * WARP + tx) // (8 * MG) * XV] = (
+                            T.float16(0)
+                        )
         T.tvm_storage_sync("shared.dyn")
 
     return stage
@@ -176,7 +188,7 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
     """
     MG, NG = _m_group(M, K)
     NT = wpb * WARP
-    NBLK, RPW = _grid(N, wpb, rpw, K * MG * 2, sms)
+    NBLK, RPW = _grid(N, wpb, rpw, _xs_size(K, MG) * 2, sms)
     TW = NBLK * wpb
     r, c = block
     CPB = c // 8  # bsr: chunks per block
@@ -234,7 +246,7 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
             for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
                 for ty in T.thread_binding(wpb, thread="threadIdx.y"):
                     for tx in T.thread_binding(WARP, thread="threadIdx.x"):
-                        xs = T.decl_buffer((K * MG,), "float16", scope="shared.dyn")
+                        xs = T.decl_buffer((_xs_size(K, MG),), "float16", scope="shared.dyn")
                         vb = T.decl_buffer((unr * 8,), "float16", scope="local")
                         x8 = T.decl_buffer((8,), "float16", scope="local")
                         xv = T.decl_buffer((MG,), "float16", scope="local")
@@ -273,7 +285,9 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
                                                     else:
                                                         for h in T.unroll(MG // XV):
                                                             for i in T.vectorized(XV):
-                                                                xv[h * XV + i] = xs[col * MG + h * XV + i]
+                                                                xv[h * XV + i] = xs[
+                                                                    col * MG + col // 8 * XV + h * XV + i
+                                                                ]
                                                         for i in T.unroll(MG):
                                                             acc[i] = acc[i] + T.Cast(
                                                                 "float32", vb[u * 8 + v]
