@@ -213,7 +213,7 @@ def run_model(args) -> list[dict[str, Any]]:
                 "ort_original": session(model, threads=2),
             }
             outs = {k: r.run(None, feeds)[0] for k, r in runners.items()}
-            times = _interleaved({k: (lambda r=r, f=feeds: r.run(None, f)) for k, r in runners.items()}, 5)
+            times = _interleaved({k: (lambda r=r, f=feeds: r.run(None, f)) for k, r in runners.items()}, 10)
             rows.append(
                 {
                     "L": L,
@@ -413,7 +413,8 @@ def markdown(result: dict[str, Any], gpu: bool) -> str:
         f"`python benchmarks/attention_kernels.py{' --gpu' if gpu else ''}` on {result['device']}; "
         f"B=1, H={result['h']}, D={result['d']}, block {result['block']}, "
         f"{'fp16 I/O, fp32 math, CUDA events' if gpu else 'fp32, 2 threads, wall time'}, median; "
-        f"{result['date']}. Kernel check vs float64 numpy: max abs err {result['check_max_abs_err']:.1e}.",
+        f"{result['date']}, 1-min load average {result.get('load_average_1min', '?')} at the end. "
+        f"Kernel check vs float64 numpy: max abs err {result['check_max_abs_err']:.1e}.",
         "",
         "Each cell: ms / speedup vs our dense kernel (same runtime) / speedup vs " + f"`{base}`.",
         "",
@@ -516,6 +517,7 @@ def main(argv: list[str] | None = None) -> None:
 def save(result: dict[str, Any], args) -> Path:
     """Write the .json/.md/.png of the rows so far (after every length: a cut-off run keeps them)."""
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)
     result["python"] = sys.version.split()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
