@@ -50,7 +50,7 @@ def dlight_matmul(m: int, n: int, k: int, dtype: str, layout: str, target):
     mod = tvm.IRModule({"mm": te.create_prim_func([x, w, y]).with_attr("global_symbol", "mm")})
     with target:
         mod = dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.Fallback()
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
         )(mod)
         return tvm.compile(mod, target=target)["mm"]
 

@@ -196,39 +196,14 @@ def build_module(
 
 
 def compile_cuda_module(mod: tvm.IRModule, target: Any) -> Any:
-    """Compile `mod` for a CUDA `target`: Relax legalize/fuse, then dlight's default GPU
-    schedules for every TIR function that is not already scheduled (our kernels carry
-    `tirx.is_scheduled`), then TVM's CUDA lowering. Needs no GPU: inside `with target:` the
+    """Compile `mod` for a CUDA `target` with TVM's default CUDA pipeline: Relax
+    legalize/fuse, then dlight's default GPU schedules (``Matmul, GEMV, Reduction,
+    GeneralReduction, Fallback``) for every TIR function not already scheduled (our kernels
+    carry `tirx.is_scheduled`), then CUDA lowering. Needs no GPU: inside `with target:` the
     device code is generated; it becomes a cubin where a CUDA runtime is present (NVRTC, or
     nvcc with `TVM_CUDA_COMPILE_MODE=nvcc`), else when the module is loaded on a GPU."""
-    from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight as dl
-
-    schedule = dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(),
-        dl.gpu.GEMV(),
-        dl.gpu.LowBatchGEMV(),
-        dl.gpu.Reduction(),
-        dl.gpu.GeneralReduction(),
-        dl.gpu.Fallback(),
-    )
-    legalize = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    passes = (
-        cuda.library_dispatch_passes(target)
-        + legalize
-        + [schedule]
-        + cuda.dataflow_lower_passes(target)
-        + cuda.finalize_passes(target)
-    )
     with target:
-        mod = tvm.transform.Sequential(passes)(mod)
-        executable = tvm.compile(mod, target=target, relax_pipeline=None)
+        executable = tvm.compile(mod, target=target)
     del mod
     gc.collect()
     return executable

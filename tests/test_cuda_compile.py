@@ -88,7 +88,9 @@ def test_cuda_compile_without_a_gpu_writes_the_module(cuda_folder):
     # fp16 dense; the unpruned lm_head stays with the dense matmul
     decisions = [(op, d) for op in manifest["ops"] for d in op["decisions"].values()]
     sparse = [(op, d) for op, d in decisions if d["format"] != "dense"]
-    assert manifest["kernels_swapped"] == len(sparse) >= 25 and manifest["kernel_symbols"]
+    assert len(sparse) >= 25
+    if not GPU:  # with a GPU, a bucket whose dense build is faster ships dense
+        assert manifest["kernels_swapped"] == len(sparse) and manifest["kernel_symbols"]
     assert all(not d["measured"] for _, d in decisions)
     for op, d in sparse:
         assert op["sparsity"] > 0.5 and d["nbytes"] <= BYTES_RATIO * op["shape"][0] * op["shape"][1] * 2
