@@ -17,6 +17,12 @@ already scheduled (our kernels carry ``tirx.is_scheduled``) gets the first rule 
   vectorise a 16-wide inner piece, parallelise the rest when the block is large enough to
   pay for a parallel launch (`PARALLEL_MIN` iterations); reductions keep their reduction
   loops serial inside the parallel spatial loop.
+
+Measured on the Llama-7B-shaped layer (`benchmarks/llama_layer.py`'s model, dense kernels,
+single thread, CPU time, Zen 5): at 64 tokens the functions outside our kernels went from
+17.4 ms (Q @ K^T 7.9 ms, P @ V 5.5 ms unscheduled) to 4.0 ms, the layer from 1.01x to 1.12x
+onnxruntime; at one token they were already 0.18 ms of ~20 ms (now 0.09 ms, and FuseOps cut
+the VM's tensor allocations from 62 to 25 per step), so there the dense kernels decide.
 """
 
 from __future__ import annotations
