@@ -46,7 +46,9 @@ vector ``T[K]`` (so ``kernel.weights`` is what a Relax ``call_tir`` passes after
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -561,29 +563,46 @@ def decision_key(target: Any, w_onnx: np.ndarray, th: np.ndarray, m: int, cold: 
     return f"{_target_key(target)}|act_sparse|M{m}|K{k}|N{n}|{digest}|{cold}"
 
 
+@dataclass(frozen=True)
+class _Chosen:
+    """What the rewrite needs of a chosen kernel (no compiled module, no device copies)."""
+
+    symbol: str
+    prim_func: Any
+    weights: dict[str, np.ndarray]
+
+
 def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: dict) -> tuple[Any, dict]:
-    """(kernel or None, decision record) for W_onnx[K, N], thresholds th[K], M = m."""
+    """(chosen kernel or None, decision record) for W_onnx[K, N], thresholds th[K], M = m.
+    One candidate kernel is alive at a time (each holds copies of a weight that may be
+    hundreds of MB)."""
     from sparsegraph.codegen.dispatch import Timer
     from sparsegraph.codegen.formats import UnfitError
 
     k, n = w.shape
     wsp = float(1 - np.count_nonzero(w) / w.size)
     key = decision_key(ctx.target, w, th, m, ctx.cold)
-    if (key, m) in cache:
-        return cache[(key, m)]
+    if key in cache:
+        return cache[key]
     builders = {
         f"act_{layout}": functools.partial(build_act_dense, schedule={"layout": layout})
         for layout in (("rows", "strips") if m == 1 else ("strips", "panel"))
     }
     if wsp >= 0.3 and ck._avx512(ctx.target) and n % 64 == 0 and m <= 4:
         builders["act_bitmap"] = build_act_bitmap
+
+    def chosen(name: str) -> _Chosen:
+        kern = builders.get(name, build_act_dense)(w, th, m, ctx.target)
+        out = _Chosen(kern.symbol, kern.prim_func, kern.weights)
+        del kern
+        gc.collect()
+        return out
+
     stored = ctx.db.get(key)
     if stored is not None:
         rec = dict(stored, from_db=True)
-        build = builders.get(rec["kernel"], build_act_dense)
-        kern = build(w, th, m, ctx.target) if rec["chosen"] == "fused" else None
-        cache[(key, m)] = (kern, rec)
-        return kern, rec
+        cache[key] = (chosen(rec["kernel"]) if rec["chosen"] == "fused" else None, rec)
+        return cache[key]
     timer = Timer()
     rng = np.random.default_rng(0)
     sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
@@ -591,16 +610,19 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
     x_s = np.where(rng.random((m, k)) < ASSUMED_SPARSITY, 0.0, x_all).astype(np.float32)
     if np.all(th < 0):  # every channel always active: the pattern cannot skip anything
         x_s = x_all
-    base = {"dense": ck.build_dense(np.ascontiguousarray(w.T), m, ctx.target)}
+    bases = {"dense": ck.build_dense}
     if "act_bitmap" in builders:
-        try:
-            base["bitmap"] = ck.build_bitmap(np.ascontiguousarray(w.T), m, ctx.target)
-        except UnfitError:
-            pass
+        bases["bitmap"] = ck.build_bitmap
     dense_s = {}
-    for name, kern in base.items():
+    for name, build in bases.items():
+        try:
+            kern = build(np.ascontiguousarray(w.T), m, ctx.target)
+        except UnfitError:
+            continue
         kern(x_s)
         dense_s[name] = timer(kern, ctx.cold)
+        del kern
+        gc.collect()
     best_base = min(dense_s, key=dense_s.get)
     fused = {}
     for name, build in builders.items():
@@ -608,10 +630,11 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         kern(x_s)
         t_s = timer(kern, ctx.cold)
         kern(x_all)
-        t_0 = timer(kern, ctx.cold)
-        fused[name] = (t_s, t_0, kern)
+        fused[name] = (t_s, timer(kern, ctx.cold))
+        del kern
+        gc.collect()
     best = min(fused, key=lambda f: fused[f][0])
-    t_s, t_0, kern = fused[best]
+    t_s, t_0 = fused[best]
     ok = t_s < dense_s[best_base] and t_0 * GUARD <= dense_s[best_base]
     rec = {
         "technique": "activation_sparsity",
@@ -630,8 +653,8 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         "from_db": False,
     }
     ctx.db.put(key, rec)
-    cache[(key, m)] = (kern if ok else None, rec)
-    return cache[(key, m)]
+    cache[key] = (chosen(best) if ok else None, rec)
+    return cache[key]
 
 
 def _make_swap():
@@ -647,6 +670,7 @@ def _make_swap():
             self.mod_, self.ctx = mod, ctx
             self._tag = ""
             self._gvars: dict[str, Any] = {}
+            self._consts: dict[str, list] = {}
             self._cache: dict = {}
 
         def _match(self, y):
@@ -696,8 +720,13 @@ def _make_swap():
                 return call
             if kern.symbol not in self._gvars:
                 self._gvars[kern.symbol] = self.builder_.add_func(kern.prim_func, kern.symbol)
+                # constants made once per kernel; the numpy copies go (a 7B layer's weights are GBs)
+                self._consts[kern.symbol] = [
+                    relax.const(np.ascontiguousarray(a)) for a in kern.weights.values()
+                ]
+                kern.weights.clear()
             x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(shape) != 2 else x
-            consts = [relax.const(np.ascontiguousarray(a)) for a in kern.weights.values()]
+            consts = self._consts[kern.symbol]
             out = self.builder_.emit(
                 relax.call_tir(
                     self._gvars[kern.symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], "float32")
