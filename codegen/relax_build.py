@@ -170,9 +170,10 @@ def build_module(
     `rewrites` run in order on the imported, constant-folded module before the linear-op
     swap (e.g. fused kernels that claim a pattern around a matmul first). `choose(key, M,
     tag)` returns the `CPUKernel` for the weight with content `key` at M rows in bucket
-    `tag` (or None to leave the matmul to TVM's default lowering). Returns the executable,
-    the swaps made, the lifted weights (name -> array) and, per function, the names of the
-    weights it takes after the model inputs.
+    `tag` (or None to leave the matmul to TVM's lowering). On CPU every op our kernels do
+    not run is scheduled by `cpu_schedule.compile_cpu`. Returns the executable, the swaps
+    made, the lifted weights (name -> array) and, per function, the names of the weights it
+    takes after the model inputs.
     """
     mod = tvm.IRModule()
     for tag, shapes in buckets.items():
