@@ -129,17 +129,23 @@ FINE_EDGES = np.concatenate(
 @dataclass
 class AbsHistogram:
     """Counts of `|x|` of rows `x[rows, K]` on the log-spaced `FINE_EDGES`, over the whole
-    tensor (`counts[bins]`) or per channel of the last axis (`per_channel`: `counts[K, bins]`,
-    `8·K·len(FINE_EDGES)` bytes). `quantile(q)` inverts the CDF, interpolating within a bin."""
+    tensor (`counts[bins]`) or per channel of the last axis (`per_channel`: `counts[K, bins]`),
+    with the smallest and largest `|x|` seen in each bin (`low`, `high`; `24·K·len(FINE_EDGES)`
+    bytes per channel-wise histogram). `quantile(q)` inverts the CDF, interpolating between a
+    bin's smallest and largest value, so point masses (saturated activations) stay exact."""
 
     k: int
     per_channel: bool = False
     counts: np.ndarray = field(default=None)  # type: ignore[assignment]
+    low: np.ndarray = field(default=None)  # type: ignore[assignment]
+    high: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self):
         if self.counts is None:
             bins = len(FINE_EDGES) - 1
-            self.counts = np.zeros((self.k, bins) if self.per_channel else bins, dtype=np.int64)
+            shape = (self.k, bins) if self.per_channel else (bins,)
+            self.counts = np.zeros(shape, dtype=np.int64)
+            self.low, self.high = np.full(shape, np.inf), np.zeros(shape)
 
     def update(self, x: np.ndarray) -> None:
         a = np.abs(np.asarray(x, dtype=np.float64).reshape(-1, self.k))
@@ -149,22 +155,34 @@ class AbsHistogram:
         idx = np.clip(np.nan_to_num(idx, nan=0.0, neginf=0.0), 0, bins - 1).astype(np.int64)
         if self.per_channel:
             idx += np.arange(self.k) * bins
-            self.counts += np.bincount(idx.ravel(), minlength=self.k * bins).reshape(self.k, bins)
-        else:
-            self.counts += np.bincount(idx.ravel(), minlength=bins)
+        flat = idx.ravel()
+        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+        np.minimum.at(self.low.reshape(-1), flat, a.ravel())
+        np.maximum.at(self.high.reshape(-1), flat, a.ravel())
 
     def quantile(self, q: float) -> np.ndarray:
-        """`t` with a fraction `q` of the `|x|` at or below it (per channel: shape [K])."""
+        """`t` with a fraction `q` of the `|x|` at or below it (per channel: shape [K]).
+
+        Within the bin holding the quantile, `t` is interpolated (geometrically) between the
+        bin's smallest and largest value. A bin holding one value up to float rounding (a
+        point mass, e.g. a saturated tanh) gives the float32 just below it: the mass is kept
+        whole (sparsity then undershoots), since runtimes disagree by an ulp about values
+        at a threshold placed on it."""
         counts = np.atleast_2d(self.counts).astype(np.float64)
         cum = np.cumsum(counts, axis=1)
         target = q * cum[:, -1]
         b = np.minimum((cum < target[:, None]).sum(axis=1), counts.shape[1] - 1)
         rows = np.arange(len(b))
         below = np.where(b > 0, cum[rows, np.maximum(b - 1, 0)], 0.0)
-        frac = np.clip((target - below) / np.maximum(counts[rows, b], 1.0), 0.0, 1.0)
-        lo, hi = FINE_EDGES[b], FINE_EDGES[b + 1]
+        n = counts[rows, b]
+        frac = np.clip((target - below) / np.maximum(n, 1.0), 0.0, 1.0)
+        lo, hi = np.atleast_2d(self.low)[rows, b], np.atleast_2d(self.high)[rows, b]
+        lo = np.where(n > 0, lo, 0.0)
+        hi = np.where(n > 0, hi, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(b == 0, hi * frac, lo * (hi / np.where(lo > 0, lo, 1.0)) ** frac)
+            t = np.where(lo > 0, lo * (hi / np.where(lo > 0, lo, 1.0)) ** frac, hi * frac)
+        under = np.nextafter(lo.astype(np.float32), np.float32(0)).astype(np.float64)
+        t = np.where(hi <= lo * (1 + 2.0**-20), under, t)
         t = np.where(np.isfinite(t), t, lo)
         return t if self.per_channel else t[0]
 

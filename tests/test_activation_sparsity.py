@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sparsegraph as sg
-from sparsegraph.calibration import Calibration, stream_tensors, token_input
+from sparsegraph.calibration import AbsHistogram, Calibration, stream_tensors, token_input
 from sparsegraph.errors import RecipeError
 from sparsegraph.eval.perplexity import load_stories
 from sparsegraph.eval.tokenizer import Llama2cTokenizer
@@ -50,6 +50,33 @@ def _llama_calib(model, batches=4, seed=0):
     vocab = next(op.shape[0] for op in sg.PassContext().get(SparsifiableOps, model))
     rng = np.random.default_rng(seed)
     return Calibration([{token_input(model): rng.integers(0, vocab, (2, 16))} for _ in range(batches)])
+
+
+# ----------------------------------------------------------------------- histogram quantiles
+def test_abs_histogram_quantiles_tensor_and_per_channel():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)) * np.geomspace(1e-3, 1e2, 32)  # five decades of scale
+    hist, chan = AbsHistogram(32), AbsHistogram(32, per_channel=True)
+    for part in np.array_split(x, 5):  # streamed in blocks
+        hist.update(part)
+        chan.update(part)
+    for q in (0.25, 0.4, 0.5, 0.9):
+        assert abs(np.mean(np.abs(x) <= hist.quantile(q)) - q) < 0.002
+        t = chan.quantile(q)
+        assert t.shape == (32,)
+        assert np.all(np.abs(np.mean(np.abs(x) <= t, axis=0) - q) < 0.01)
+
+
+def test_abs_histogram_keeps_a_point_mass_whole():
+    rng = np.random.default_rng(0)
+    y = np.tanh(8 * rng.standard_normal((2000, 16))).astype(np.float32)  # ~90 % saturated at |y| = 1
+    hist = AbsHistogram(16)
+    hist.update(y)
+    t = np.float32(hist.quantile(0.5))
+    assert t < 1 and np.all(np.abs(y[np.abs(y) == 1]) > t)  # the mass is kept, never half-cut
+    zeros = AbsHistogram(4, per_channel=True)
+    zeros.update(np.zeros((10, 4)))
+    assert np.all(zeros.quantile(0.5) == 0)
 
 
 # ------------------------------------------------------------------ thresholds reach the target

@@ -60,7 +60,7 @@ from sparsegraph.calibration import (
 from sparsegraph.model import Model, constant_value, producer
 from sparsegraph.pass_manager import Change, PassContext, PassResult, register
 from sparsegraph.passes.analysis.roles import Roles
-from sparsegraph.passes.analysis.sparsifiable import WeightedOp
+from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps, WeightedOp
 from sparsegraph.report_sections import ReportSection, add_section, register_plotter
 
 from .targeted import TargetedConfig, TargetedRewrite
@@ -162,7 +162,6 @@ class Site:
     roles: list[str]
     dim: int  # size of the last axis
     params: int  # weights the site feeds (budget weight)
-    weights: list[np.ndarray]  # W[N, K] applied to the site's output (error of the layer output)
     per_channel: bool = False
     sparsity: float = 0.0
     threshold: np.ndarray | None = None
@@ -181,12 +180,11 @@ def linear_sites(ops: list[WeightedOp], roles, per_channel_ffn: bool) -> list[Si
         name = role.role if role else "other"
         site = sites.get(id(x))
         if site is None:
-            site = sites[id(x)] = Site(x, [], [], [], op.shape[1], 0, [], per_channel=per_channel_ffn)
+            site = sites[id(x)] = Site(x, [], [], [], op.shape[1], 0, per_channel=per_channel_ffn)
         site.consumers.append(node)
         site.ops.append(op.name)
         site.roles.append(name)
         site.params += op.shape[0] * op.shape[1]
-        site.weights.append(op.weight.matrix())
         site.per_channel &= name.startswith("ffn.")
     return list(sites.values())
 
@@ -236,9 +234,7 @@ def _reachable(tensor: gs.Tensor) -> set[int]:
     return out
 
 
-def cats_sites(
-    model: Model, ops: list[WeightedOp], all_ops: dict[str, WeightedOp], roles
-) -> tuple[list[Site], list[str]]:
+def cats_sites(ops: list[WeightedOp], all_ops: dict[str, WeightedOp], roles) -> tuple[list[Site], list[str]]:
     """CATS sites: each targeted `ffn.gate`'s activation output (gated FFN); each targeted
     `ffn.down` of an ungated FFN layer: its input (the activation output)."""
     by_layer: dict[Any, dict[str, list[WeightedOp]]] = {}
@@ -272,17 +268,12 @@ def cats_sites(
                     ["ffn.gate"],
                     op.shape[0],
                     params,
-                    [down.weight.matrix()],
                 )
             )
         elif r.role == "ffn.down" and "ffn.gate" not in group:
             params = op.shape[0] * op.shape[1]  # the up projection and activation stay dense
             node = op.weight.node
-            sites.append(
-                Site(
-                    node.inputs[0], [node], [op.name], ["ffn.down"], op.shape[1], params, [op.weight.matrix()]
-                )
-            )
+            sites.append(Site(node.inputs[0], [node], [op.name], ["ffn.down"], op.shape[1], params))
     return sites, warnings
 
 
@@ -465,10 +456,8 @@ class ActivationSparsity(TargetedRewrite):
         targets, warnings = self.select(model, ctx)
         roles = ctx.get(Roles, model)
         if c.method == "cats":
-            from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps
-
             everything = ctx.get(SparsifiableOps, model).by_name()
-            sites, more = cats_sites(model, targets, everything, roles)
+            sites, more = cats_sites(targets, everything, roles)
             warnings += more
         else:
             sites = linear_sites(targets, roles, per_channel_ffn=c.method == "chess")
@@ -548,9 +537,7 @@ class ActivationSparsity(TargetedRewrite):
         nodes = {n.name: n for n in probe.graph.nodes}
         knobs = []
         for i, site in enumerate(sites):
-            shadow = Site(
-                tensors[site.x.name], [nodes[n.name] for n in site.consumers], [], [], site.dim, 0, []
-            )
+            shadow = Site(tensors[site.x.name], [nodes[n.name] for n in site.consumers], [], [], site.dim, 0)
             tag = f"{site.x.name}/act_sparsity_greedy_{i}"
             if c.method == "topk":
                 shadow.keep = site.dim
