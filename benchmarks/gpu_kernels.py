@@ -210,6 +210,8 @@ def run(args) -> dict:
                     flush=True,
                 )
             print(f"  ({time.time() - t0:.0f} s)", flush=True)
+            if args.partial:  # what a run cut short by its time limit still leaves behind
+                args.partial.write_text(json.dumps({"rows": rows}, indent=1))
     fused = fused_launches(torch, ck, bench, target, rng, args) if not args.no_fused else []
     return {
         "device": torch.cuda.get_device_name(),
@@ -353,6 +355,7 @@ def main() -> None:
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="merge JSON results of partial runs, then write")
+    p.add_argument("--partial", type=Path, help="rewrite this JSON file with the rows so far after each pattern")
     args = p.parse_args()
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]

@@ -197,14 +197,35 @@ def build_module(
 
 
 def compile_cuda_module(mod: tvm.IRModule, target: Any) -> Any:
-    """Compile `mod` for a CUDA `target` with TVM's default CUDA pipeline: Relax
-    legalize/fuse, then dlight's default GPU schedules (``Matmul, GEMV, Reduction,
-    GeneralReduction, Fallback``) for every TIR function not already scheduled (our kernels
-    carry `tirx.is_scheduled`), then CUDA lowering. Needs no GPU: inside `with target:` the
-    device code is generated; it becomes a cubin where a CUDA runtime is present (NVRTC, or
-    nvcc with `TVM_CUDA_COMPILE_MODE=nvcc`), else when the module is loaded on a GPU."""
+    """Compile `mod` for a CUDA `target`: TVM's CUDA pipeline (Relax legalize, dlight's
+    default GPU schedules ``Matmul, GEMV, Reduction, GeneralReduction, Fallback`` for every
+    TIR function not already scheduled -- our kernels carry `tirx.is_scheduled` --, CUDA
+    lowering) without operator fusion: in TVM 0.27 dlight's Matmul rule miscompiles fused
+    matmul + epilogue functions (stories260K logits off by 0.44 relative with fusion,
+    7.5e-7 without, on an H200; dropping the Matmul rule fixed it too, fusion off keeps its
+    speed for plain matmuls). Needs no GPU: inside `with target:` the device code is
+    generated; it becomes a cubin where a CUDA runtime is present (NVRTC, or nvcc with
+    `TVM_CUDA_COMPILE_MODE=nvcc`), else when the module is loaded on a GPU."""
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+    from tvm.s_tir import dlight as dl
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        ),
+    ]
+    passes = (
+        cuda_pipeline.library_dispatch_passes(target)
+        + legalize
+        + cuda_pipeline.dataflow_lower_passes(target)
+        + cuda_pipeline.finalize_passes(target)
+    )
     with target:
-        executable = tvm.compile(mod, target=target)
+        mod = tvm.transform.Sequential(passes)(mod)
+        executable = tvm.compile(mod, target=target, relax_pipeline=None)
     del mod
     gc.collect()
     return executable
