@@ -391,6 +391,10 @@ def _act_bitmap_func(M, N, K, nb, NV_, mt, pf):
     return main
 
 
+#: compiled shape-specialised PrimFuncs of `build_act_dense`, by (target, M, N, K, schedule)
+_COMPILED: dict[tuple, tuple[Any, Any]] = {}
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -459,7 +463,15 @@ def build_act_dense(
         weights = {"threshold": th, "Wp": ck.pack_dense_panels(np.ascontiguousarray(a.T), nb)}
     else:
         raise ValueError(f"act layout must be 'rows', 'strips' or 'panel'; got {sch['layout']!r}")
-    return ck._finish("act_dense", f"act_{sch['layout']}", prim, (M, n, k), weights, sch, target)
+    # the PrimFunc depends on the shapes and schedule only (W and T are arguments): compile
+    # it once per shape, and share it between weights (one function in a Relax module)
+    key = (str(target), M, n, k, tuple(sorted(sch.items())))
+    if key not in _COMPILED:
+        kern = ck._finish("act_dense", f"act_{sch['layout']}", prim, (M, n, k), weights, sch, target)
+        _COMPILED[key] = (kern.prim_func, kern.executable)
+        return kern
+    prim, ex = _COMPILED[key]
+    return ck.CPUKernel("act_dense", (M, n, k), prim, weights, dict(sch), target, ex)
 
 
 def pack_act_bitmap(w_onnx: np.ndarray, nb: int) -> dict[str, np.ndarray]:
@@ -620,6 +632,12 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
     x_s = np.where(rng.random((m, k)) < ASSUMED_SPARSITY, 0.0, x_all).astype(np.float32)
     if np.all(th < 0):  # every channel always active: the pattern cannot skip anything
         x_s = x_all
+    # with a dense W, every time here depends on the shapes only (the inputs are synthetic):
+    # weights of one shape share one measurement
+    shape_key = ("timing", k, n, m) if "act_bitmap" not in builders else None
+    if shape_key in cache:
+        dense_s, fused = cache[shape_key]
+        return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused)
     bases = {"dense": ck.build_dense}
     if "act_bitmap" in builders:
         bases["bitmap"] = ck.build_bitmap
@@ -633,7 +651,6 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         dense_s[name] = timer(kern, ctx.cold)
         del kern
         gc.collect()
-    best_base = min(dense_s, key=dense_s.get)
     fused = {}
     for name, build in builders.items():
         kern = build(w, th, m, ctx.target)
@@ -643,6 +660,14 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         fused[name] = (t_s, timer(kern, ctx.cold))
         del kern
         gc.collect()
+    if shape_key is not None:
+        cache[shape_key] = (dense_s, fused)
+    return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused)
+
+
+def _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused) -> tuple[Any, dict]:
+    """The decision from the measured times; stored in ``ctx.db`` and `cache`."""
+    best_base = min(dense_s, key=dense_s.get)
     best = min(fused, key=lambda f: fused[f][0])
     t_s, t_0 = fused[best]
     ok = t_s < dense_s[best_base] and t_0 * GUARD <= dense_s[best_base]
@@ -680,7 +705,7 @@ def _make_swap():
             self.mod_, self.ctx = mod, ctx
             self._tag = ""
             self._gvars: dict[str, Any] = {}
-            self._consts: dict[str, list] = {}
+            self._consts: dict[int, list] = {}  # id of a cached `_Chosen` -> its constants
             self._cache: dict = {}
 
         def _match(self, y):
@@ -728,15 +753,14 @@ def _make_swap():
             self.ctx.decisions.append(dict(rec, bucket=self._tag))
             if kern is None:
                 return call
-            if kern.symbol not in self._gvars:
+            if kern.symbol not in self._gvars:  # weights of one shape share the PrimFunc
                 self._gvars[kern.symbol] = self.builder_.add_func(kern.prim_func, kern.symbol)
-                # constants made once per kernel; the numpy copies go (a 7B layer's weights are GBs)
-                self._consts[kern.symbol] = [
-                    relax.const(np.ascontiguousarray(a)) for a in kern.weights.values()
-                ]
+            if id(kern) not in self._consts:
+                # constants made once per weight; the numpy copies go (a 7B layer's weights are GBs)
+                self._consts[id(kern)] = [relax.const(np.ascontiguousarray(a)) for a in kern.weights.values()]
                 kern.weights.clear()
             x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(shape) != 2 else x
-            consts = self._consts[kern.symbol]
+            consts = self._consts[id(kern)]
             out = self.builder_.emit(
                 relax.call_tir(
                     self._gvars[kern.symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], "float32")

@@ -2,10 +2,14 @@
 thresholds; both W layouts; the weight-sparse variant), the Relax rewrite inside a compiled
 model vs onnxruntime, and the CUDA kernel (compiled to CUDA source here; run where a GPU is)."""
 
+import json
+
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
+import sparsegraph as sg
 from sparsegraph.codegen import act_kernels as ak
 from sparsegraph.codegen.dispatch import TuningDB
 from sparsegraph.codegen.llvm_compile import compile_llvm
@@ -14,6 +18,7 @@ from sparsegraph.report import _codegen_markdown
 from sparsegraph.runtime import Session
 
 import graphs as g
+from paths import EXAMPLES, STORIES
 
 
 def _case(m, k, n, sparsity, per_channel, seed=0):
@@ -149,8 +154,9 @@ def test_compiled_model_with_where_pattern_matches_onnxruntime(tmp_path):
 
 
 def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
-    """A stored 'fused' decision is rebuilt without timing and runs inside the module."""
-    model, inits = _thresholded_mlp(seed=2)
+    """A stored 'fused' decision is rebuilt without timing and runs inside the module; the two
+    weights have one shape, so they share one PrimFunc with their own constants."""
+    model, inits = _thresholded_mlp(k=64, h=64, n=64, seed=2)
     path = tmp_path / "mlp.onnx"
     path.write_bytes(model.SerializeToString())
     db_path = tmp_path / "db.json"
@@ -227,3 +233,23 @@ def test_cuda_kernel_matches_torch_on_gpu(m):
     fn(x, th, w, ws, y)
     ref = torch.where(x.float().abs() > th, x.float(), 0.0) @ w.float()
     assert float((y.float() - ref).abs().max()) <= 2e-3 * float(ref.abs().max())
+
+
+def test_activation_sparsity_pass_output_is_fused_on_stories260k(tmp_path):
+    """End to end with the pass that inserts the pattern (TEAL thresholds calibrated on
+    TinyStories): every site is recognised, decided by measurement, and the compiled model
+    matches the portable model in onnxruntime."""
+    recipe = {"steps": [{"pass": "activation_sparsity", "method": "teal", "sparsity": 0.5}]}
+    sg.compile_model(
+        STORIES, recipe, tmp_path, calib=EXAMPLES / "data" / "tinystories_valid.txt",
+        tokenizer=EXAMPLES / "stories260K" / "tok512.bin", calib_samples=4, seqlen=32, target="llvm",
+        batch_sizes=(1,), seq_len=1, tuning_db=tmp_path / "db.json",
+    )  # fmt: skip
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    act = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
+    assert len(act) == 35  # 5 layers x 7 projections, each behind a Where
+    assert {f["threshold"] for f in act} == {"scalar"}
+    tokens = np.array([[5]], dtype=np.int64)
+    (got,) = Session(tmp_path).run(["logits"], {"tokens": tokens})
+    (ref,) = g.run_ort(onnx.load(tmp_path / "portable.onnx"), {"tokens": tokens})
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
