@@ -574,6 +574,30 @@ def _op(e: Any) -> str:
     return str(getattr(op, "name", ""))
 
 
+#: fused candidates the rewrite times (schedules of `build_act_dense`): at M = 1 and M > 1
+CANDIDATES_M1 = (
+    {"layout": "rows", "prefetch": 1},
+    {"layout": "rows", "prefetch": 3},
+    {"layout": "strips", "prefetch": 1},
+    {"layout": "strips", "prefetch": 3},
+)
+CANDIDATES_BATCH = ({"layout": "strips"}, {"layout": "panel"})
+
+
+def _label(schedule: Mapping[str, Any]) -> str:
+    """``act_<layout>[_pf<n>]``: a candidate's name in records and the tuning database."""
+    pf = schedule.get("prefetch")
+    return f"act_{schedule['layout']}" + (f"_pf{pf}" if pf is not None else "")
+
+
+def _schedule(label: str) -> dict[str, Any]:
+    """Inverse of `_label` (``act_bitmap`` and unknown labels: the defaults)."""
+    parts = label.removeprefix("act_").split("_pf")
+    if parts[0] not in ("rows", "strips", "panel"):
+        return {}
+    return {"layout": parts[0], **({"prefetch": int(parts[1])} if len(parts) > 1 else {})}
+
+
 def decision_key(target: Any, w_onnx: np.ndarray, th: np.ndarray, m: int, cold: bool) -> str:
     """TuningDB key of the fused-vs-dense decision for one weight, threshold vector and M."""
     import hashlib
@@ -607,14 +631,16 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
     if key in cache:
         return cache[key]
     builders = {
-        f"act_{layout}": functools.partial(build_act_dense, schedule={"layout": layout})
-        for layout in (("rows", "strips") if m == 1 else ("strips", "panel"))
+        _label(sch): functools.partial(build_act_dense, schedule=sch)
+        for sch in (CANDIDATES_M1 if m == 1 else CANDIDATES_BATCH)
     }
     if wsp >= 0.3 and ck._avx512(ctx.target) and n % 64 == 0 and m <= 4:
         builders["act_bitmap"] = build_act_bitmap
 
     def chosen(name: str) -> _Chosen:
-        kern = builders.get(name, build_act_dense)(w, th, m, ctx.target)
+        kern = builders.get(name, functools.partial(build_act_dense, schedule=_schedule(name)))(
+            w, th, m, ctx.target
+        )
         out = _Chosen(kern.symbol, kern.prim_func, kern.weights)
         del kern
         gc.collect()
