@@ -33,6 +33,11 @@ Hessian sum `XᵀX` in float64 (only with `hessian=True`), and a histogram of `|
 fixed power-of-two bins (`histogram=True`). An X that is a graph input is read from the
 feed. Statistics are deterministic for given data (text windows: for a seed).
 
+`stream_tensors(model, names, feeds)` yields any named tensors of a model batch by batch
+(one batch alive at a time), and `AbsHistogram` keeps fine log histograms of `|x|` (whole
+tensor or per channel) with quantiles to about 1 %; the `activation_sparsity` pass builds
+its thresholds from them.
+
 Memory bound (beyond the model, its onnxruntime session and the calibration inputs
 themselves): the statistics, `Σ_taps 8·(K + K² [hessian] + len(HIST_EDGES))` bytes, plus
 one batch's activations of all taps as onnxruntime returns them, plus, while one tap is
@@ -132,7 +137,7 @@ class AbsHistogram:
     tensor (`counts[bins]`) or per channel of the last axis (`per_channel`: `counts[K, bins]`),
     with the smallest and largest `|x|` seen in each bin (`low`, `high`; `24·K·len(FINE_EDGES)`
     bytes per channel-wise histogram). `quantile(q)` inverts the CDF, interpolating between a
-    bin's smallest and largest value, so point masses (saturated activations) stay exact."""
+    bin's smallest and largest value; a point mass (saturated activations) is never cut in two."""
 
     k: int
     per_channel: bool = False
