@@ -12,9 +12,9 @@ of `x` with small magnitude so that a fused kernel may skip the matching weight 
   `roles` analysis (`ffn.gate` -> the `Mul` whose other input comes from `ffn.up`); in an
   ungated MLP (one `ffn.up` with an activation) the activation output is the input of
   `ffn.down`.
-- `chess` (He et al., 2024, arXiv:2409.01366): channel-wise thresholds (one per channel of
-  the last axis) on the inputs of the FFN projections; attention inputs get one
-  tensor-wise threshold (as `teal`).
+- `chess` (after He et al., 2024, arXiv:2409.01366): channel-wise thresholds (one per
+  channel of the last axis) on the inputs of the FFN projections; attention inputs get one
+  tensor-wise threshold (as `teal`). See `chess_thresholds` for how this differs from the paper.
 - `topk` (Q-Sparse, Wang et al., 2024, arXiv:2407.10969): the `K = round((1-s)·dim)`
   largest `|x|` of every row (last axis) of each `teal` site are kept.
 
@@ -92,17 +92,20 @@ def keep_count(sparsity: float, dim: int) -> int:
 
 
 def teal_threshold(hist: AbsHistogram, sparsity: float) -> np.ndarray:
-    """TEAL's magnitude threshold (Liu et al., 2024, arXiv:2408.14690, Sec. 3): the
+    """TEAL's magnitude threshold (Liu et al., 2024, arXiv:2408.14690): the
     `sparsity`-quantile of `|x|` over the calibration activations, so that a fraction
     `sparsity` of the entries falls at or below it. Per input tensor (a scalar)."""
     return np.asarray(hist.quantile(sparsity), dtype=np.float64)
 
 
 def chess_thresholds(hist: AbsHistogram, sparsity: float) -> np.ndarray:
-    """CHESS channel-wise thresholds (He et al., 2024, arXiv:2409.01366, Sec. 4.1): channel j
+    """Channel-wise thresholds after CHESS (He et al., 2024, arXiv:2409.01366): channel j
     gets the `sparsity`-quantile of its own `|x_j|` distribution on calibration data, so each
     channel (and hence the tensor, on average) reaches the target sparsity while channels
-    with large typical magnitude keep a larger threshold. Shape [K]."""
+    with large typical magnitude keep a larger threshold. Shape [K]. (The paper thresholds
+    the FFN's intermediate activations per channel and weighs channels by the up
+    projection's typical magnitude; the pass applies the per-channel quantile to the FFN
+    projections' inputs, as issue 7 asks.)"""
     if not hist.per_channel:
         raise ValueError("CHESS thresholds need a per-channel histogram")
     return np.asarray(hist.quantile(sparsity), dtype=np.float64)
