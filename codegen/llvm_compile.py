@@ -98,13 +98,16 @@ def compile_llvm(
         built = relax_build.build_module(
             proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(ctx)
         )
-        fused[:] = ctx.decisions
+        if dense_tags != frozenset(buckets):  # the all-dense baseline build records nothing
+            fused[:] = ctx.decisions
         return built
 
     chosen = Dispatcher(target, db, cold, tune_trials)
     dense_kernels = Dispatcher(target, db, cold, force="dense")
     executable, swaps, params, param_names = build(chosen)
-    sparse_used = any(d.format != "dense" for d in chosen.decisions.values())
+    sparse_used = any(d.format != "dense" for d in chosen.decisions.values()) or any(
+        r.get("rewritten") or r.get("chosen") == "fused" for r in fused
+    )  # sparse weight kernels or fused kernels (activation sparsity, sparse attention)
     feeds = {tag: bucket_feeds(model, shapes, seed) for tag, shapes in buckets.items()}
     timing = {
         tag: {"compiled": time_vm(executable, f"main_{tag}", f, params, param_names)}

@@ -246,7 +246,8 @@ def _codegen(portable, staging, original, target, batch_sizes, seq_len, tune_tri
         manifest = compile_llvm(
             portable, staging, target=target, tune_trials=tune_trials, db_path=tuning_db, **common
         )
-    keys = ("target", "cache_regime", "measured", "timing_seconds", "ops", "compile_seconds", "buckets")
+    keys = ("target", "cache_regime", "measured", "timing_seconds", "ops", "fused", "compile_seconds")
+    keys += ("buckets",)
     return {k: manifest[k] for k in keys if k in manifest}
 
 

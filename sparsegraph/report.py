@@ -244,6 +244,26 @@ def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
                 f"| {f['threshold']} | {s} | {f['fused_us']:.1f} | {f['fused_all_active_us']:.1f} "
                 f"| {f['dense_us']:.1f} ({f['dense_kernel']}) | {f['chosen']} |"
             )
+    attn = [f for f in cg.get("fused", []) if f.get("technique") == "sparse_attention"]
+    if attn:
+        lines += [
+            "",
+            "Attention sites (block-sparse kernel where the mask is constant after specialisation):",
+            "",
+            "| function | heads (kv) | Lq x Lk | blocks kept / total | kernel µs | all blocks µs "
+            "| rewritten |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for f in attn:
+            if not f.get("rewritten"):
+                lines.append(f"| {f['function']} | – | – | – | – | – | no: {f.get('reason', '')} |")
+                continue
+            us = f"{f['kernel_us']:.1f}" if "kernel_us" in f else "–"
+            all_us = f"{f['all_blocks_us']:.1f}" if "all_blocks_us" in f else "–"
+            lines.append(
+                f"| {f['function']} | {f['heads']} ({f['kv_heads']}) | {f['lq']} x {f['lk']} "
+                f"| {f['blocks_kept']} / {f['blocks_total']} | {us} | {all_us} | yes |"
+            )
     return lines
 
 
