@@ -23,6 +23,7 @@ has no kernel for.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from sparsegraph.passes.analysis.roles import Roles
 
 from .llvm_compile import (
     MANIFEST,
-    NOISE,
     bucket_feeds,
     buckets_for,
     export_module,
@@ -44,6 +44,7 @@ from .llvm_compile import (
     manifest_files,
     manifest_header,
     op_decisions,
+    ship_faster,
     time_ort,
     time_vm,
     write_json,
@@ -115,17 +116,15 @@ def compile_cuda(
             timing[tag] = {"compiled": time_vm(executable, f"main_{tag}", f, params, param_names, dev=dev)}
         slower: frozenset[str] = frozenset(buckets)
         if swaps:
-            dense_exec, _, dense_params, dense_names = build(chosen, frozenset(buckets))
-            for tag, f in feeds.items():
-                timing[tag]["dense_compiled"] = time_vm(
-                    dense_exec, f"main_{tag}", f, dense_params, dense_names, dev=dev
-                )
-            del dense_exec, dense_params
-            slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
-            if slower:
-                executable, swaps, params, param_names = build(chosen, slower)
-                for tag in slower:
-                    timing[tag]["compiled"] = timing[tag]["dense_compiled"]
+            (executable, swaps, params, param_names), slower = ship_faster(
+                build,
+                chosen,
+                chosen,
+                feeds,
+                timing,
+                (executable, swaps, params, param_names),
+                functools.partial(time_vm, dev=dev),
+            )
         for tag in buckets:
             timing[tag]["shipped"] = "dense" if tag in slower else "dispatched"
         if reference is not None:

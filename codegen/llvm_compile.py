@@ -115,15 +115,9 @@ def compile_llvm(
     }
     slower: frozenset[str] = frozenset(buckets)  # buckets that ship dense kernels only
     if sparse_used:
-        dense_exec, _, dense_params, dense_names = build(dense_kernels, frozenset(buckets))
-        for tag, f in feeds.items():
-            timing[tag]["dense_compiled"] = time_vm(dense_exec, f"main_{tag}", f, dense_params, dense_names)
-        del dense_exec, dense_params
-        slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
-        if slower:  # those buckets ship their dense build
-            executable, swaps, params, param_names = build(chosen, slower)
-            for tag in slower:
-                timing[tag]["compiled"] = timing[tag]["dense_compiled"]
+        (executable, swaps, params, param_names), slower = ship_faster(
+            build, chosen, dense_kernels, feeds, timing, (executable, swaps, params, param_names), time_vm
+        )
     for tag in buckets:
         timing[tag]["shipped"] = "dense" if tag in slower else "dispatched"
     if reference is not None:
@@ -199,6 +193,23 @@ def manifest_files(out_dir: Path, portable: Path) -> dict[str, Any]:
         | {portable.name: _sha256(portable)},
         "portable": portable.name,
     }
+
+
+def ship_faster(build, chosen, baseline, feeds, timing, built, timer) -> tuple[Any, frozenset[str]]:
+    """Build every bucket with `baseline` (dense) kernels, time it into
+    ``timing[tag]["dense_compiled"]``, and rebuild with `chosen` where that was not more
+    than `NOISE` slower, the other buckets shipping dense (their "compiled" time becomes the
+    dense one). Returns the build to ship and the buckets that ship dense."""
+    dense_exec, _, dense_params, dense_names = build(baseline, frozenset(feeds))
+    for tag, f in feeds.items():
+        timing[tag]["dense_compiled"] = timer(dense_exec, f"main_{tag}", f, dense_params, dense_names)
+    del dense_exec, dense_params
+    slower = frozenset(t for t, v in timing.items() if v["compiled"] > NOISE * v["dense_compiled"])
+    if slower:
+        built = build(chosen, slower)
+        for tag in slower:
+            timing[tag]["compiled"] = timing[tag]["dense_compiled"]
+    return built, slower
 
 
 def bucket_feeds(model: Model, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
