@@ -299,10 +299,12 @@ def ort_sessions(w_onnx: np.ndarray, copies: int) -> list:
 
 
 def tvm_candidates(p: Pattern, m: int) -> list[tuple[str, dict | None]]:
-    """(builder key, schedule) pairs timed for pattern p at M = m; the fastest is reported."""
-    if p.kind == "block":
-        return [("bsr", None)]
+    """(builder key, schedule) pairs timed for pattern p at M = m; the fastest is reported.
+    Block patterns get the BSR kernel plus what `codegen.dispatch.candidates` would also
+    time on a block-pruned weight (bitmap, CSR), so "best" is what a compile ships."""
     out: list[tuple[str, dict | None]] = []
+    if p.kind == "block":
+        out.append(("bsr", None))
     if p.kind == "nm":
         out.append(("nm", None))
     if m <= 8:
@@ -629,8 +631,14 @@ def goal_rows(result: dict[str, Any]) -> list[str]:
             worst = min(bs, key=lambda b: b["methods"][b["best"]]["x_ort"])
             wx = worst["methods"][worst["best"]]["x_ort"]
             blk = worst["pattern"][1:].split("_")[0]
-            row.append(f"{blk} {wx:.2f}x vs {ux:.2f}x {'met' if wx >= ux else 'MISSED'}")
-        lines.append(f"| M=1, slowest block at {s_} % ≥ unstructured (x ORT) | " + " | ".join(row) + " |")
+            bsr = min(b["methods"]["tvm_bsr"]["x_ort"] for b in bs if "tvm_bsr" in b["methods"])
+            verdict = "met" if wx >= ux else "MISSED"
+            row.append(f"{blk} {wx:.2f}x vs {ux:.2f}x {verdict} (BSR kernel alone ≥ {bsr:.2f}x)")
+        lines.append(
+            f"| M=1, slowest block pattern at {s_} % (after dispatch) ≥ unstructured (x ORT) | "
+            + " | ".join(row)
+            + " |"
+        )
     row = []
     for s in shapes:
         bad = []
