@@ -355,7 +355,9 @@ def main() -> None:
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="merge JSON results of partial runs, then write")
-    p.add_argument("--partial", type=Path, help="rewrite this JSON file with the rows so far after each pattern")
+    p.add_argument(
+        "--partial", type=Path, help="rewrite this JSON file with the rows so far after each pattern"
+    )
     args = p.parse_args()
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]

@@ -16,6 +16,7 @@ Randomness comes only from `ctx.rng(name)`, seeded from the manager's seed.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import time
 from collections.abc import Iterable
@@ -83,7 +84,7 @@ class PassContext:
         self.findings = {k: v for k, v in self.findings.items() if k in keep}
 
 
-class Pass:
+class Pass(abc.ABC):
     """A named, configured transformation or analysis of a `Model`."""
 
     name: ClassVar[str] = ""
@@ -93,14 +94,15 @@ class Pass:
     def __init__(self, config: PassConfig | None = None, **params: Any):
         self.config = config if config is not None else make_config(self.Config, params, self.name)
 
-    def precondition(self, model: Model, ctx: PassContext) -> None:
+    def precondition(self, model: Model, ctx: PassContext) -> None:  # noqa: B027 (optional hook)
         """Raise `PassError` if the model is not one this pass can run on."""
 
-    def postcondition(self, model: Model, ctx: PassContext, result: PassResult) -> None:
+    def postcondition(self, model: Model, ctx: PassContext, result: PassResult) -> None:  # noqa: B027
         """Raise `PassError` if the pass broke its contract."""
 
+    @abc.abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+        """Apply the pass (rewrites mutate `model`); say what changed."""
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
@@ -110,8 +112,9 @@ class Pass:
 class AnalysisPass(Pass):
     """Read-only; stores its finding in the context."""
 
+    @abc.abstractmethod
     def analyze(self, model: Model, ctx: PassContext) -> Any:
-        raise NotImplementedError(f"analysis {self.name!r} does not implement analyze()")
+        """The finding for `model` (never mutates it)."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         """Run as a recipe step: (re)compute the finding with this pass's own config."""

@@ -49,7 +49,11 @@ CASES = [
 def test_kernels_build_with_vector_loads(fmt, params, kind, sparsity):
     w = pruned(128, 512, sparsity, 0, kind, params.get("block", (16, 16)))
     packed = ck.pack(fmt, w, **params)
-    for m, sched in [(1, ck.SCHEDULE_SPACE[fmt][0]), (5, ck.SCHEDULE_SPACE[fmt][1]), (16, ck.SCHEDULE_SPACE[fmt][2])]:
+    for m, sched in [
+        (1, ck.SCHEDULE_SPACE[fmt][0]),
+        (5, ck.SCHEDULE_SPACE[fmt][1]),
+        (16, ck.SCHEDULE_SPACE[fmt][2]),
+    ]:
         kern = ck.build(fmt, packed, m, x_dtype="float16", **sched)
         src = kern.source()
         assert kern.symbol in src and "*(uint4*)" in src  # 16-byte loads of the values

@@ -26,17 +26,43 @@ VOCAB = 100
 MAX_BYTES = 400 * 1024
 
 ROLES = {
-    "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",
-    "ffn.up", "ffn.gate", "ffn.down", "lm_head", "other", "embed",
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.o",
+    "attn.qkv",
+    "ffn.up",
+    "ffn.gate",
+    "ffn.down",
+    "lm_head",
+    "other",
+    "embed",
 }
 LAYERED = {"attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "ffn.up", "ffn.gate", "ffn.down"}
 
-_llama_counts = {"embed": 1, "attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.o": 2,
-                 "ffn.gate": 2, "ffn.up": 2, "ffn.down": 2, "lm_head": 1}
+_llama_counts = {
+    "embed": 1,
+    "attn.q": 2,
+    "attn.k": 2,
+    "attn.v": 2,
+    "attn.o": 2,
+    "ffn.gate": 2,
+    "ffn.up": 2,
+    "ffn.down": 2,
+    "lm_head": 1,
+}
 _gpt2_counts = {"embed": 2, "attn.qkv": 2, "attn.o": 2, "ffn.up": 2, "ffn.down": 2, "lm_head": 1}
 EXPECTED_ROLE_COUNTS = {
-    "bert_tiny": {"embed": 3, "attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.o": 2,
-                  "ffn.up": 2, "ffn.down": 2, "other": 1},
+    "bert_tiny": {
+        "embed": 3,
+        "attn.q": 2,
+        "attn.k": 2,
+        "attn.v": 2,
+        "attn.o": 2,
+        "ffn.up": 2,
+        "ffn.down": 2,
+        "other": 1,
+    },
     "gpt2_tiny": _gpt2_counts,
     "gpt2_tiny_legacy": _gpt2_counts,
     "llama_tiny": _llama_counts,
@@ -115,7 +141,7 @@ def make_feeds(sess, rng, dims=DIMS) -> dict[str, np.ndarray]:
             feeds[inp.name] = m
         elif inp.name == "token_type_ids":
             t = np.zeros(shape, dtype=np.int64)
-            t[:, shape[1] // 2:] = 1
+            t[:, shape[1] // 2 :] = 1
             feeds[inp.name] = t
         elif inp.name == "position_ids":
             feeds[inp.name] = np.broadcast_to(np.arange(past, past + s, dtype=np.int64), (b, s)).copy()
@@ -196,11 +222,13 @@ def test_llama_kv_matches_no_cache_model():
     past = {n: np.zeros((b, kv_heads, 0, head_dim), np.float32) for n in past_names}
     pos, got = 0, []
     for step in [prefill] + [1] * (total - prefill):
-        chunk = ids[:, pos:pos + step]
-        feeds = {"input_ids": chunk,
-                 "attention_mask": np.ones((b, pos + step), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(pos, pos + step), (b, step)).astype(np.int64),
-                 **past}
+        chunk = ids[:, pos : pos + step]
+        feeds = {
+            "input_ids": chunk,
+            "attention_mask": np.ones((b, pos + step), np.int64),
+            "position_ids": np.broadcast_to(np.arange(pos, pos + step), (b, step)).astype(np.int64),
+            **past,
+        }
         outs = kv.run(None, feeds)
         got.append(outs[0])
         present = dict(zip([o.name for o in kv.get_outputs()], outs, strict=True))
@@ -246,9 +274,12 @@ def test_roles_are_complete(name):
     for node in g.node:
         if node.op_type in ("MatMul", "Gemm") and trace_to_initializer(g, node.input[1]):
             assert node.name in labelled, node.name
-        if (node.op_type == "Gather" and node.input[0] in inits
-                and len(inits[node.input[0]].dims) == 2
-                and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT):
+        if (
+            node.op_type == "Gather"
+            and node.input[0] in inits
+            and len(inits[node.input[0]].dims) == 2
+            and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT
+        ):
             assert node.name in labelled, node.name
 
 
@@ -272,6 +303,7 @@ def test_roles_structurally_consistent(name):
         by.setdefault((e["role"], e["layer"]), []).append(e)
     layers = {e["layer"] for e in load_roles(name) if e["layer"] is not None}
     for layer in layers:
+
         def one(role, layer=layer):
             es = by.get((role, layer), [])
             return nodes[es[0]["node"]] if es else None

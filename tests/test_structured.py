@@ -181,6 +181,7 @@ def test_prune_neurons_keep_multiple_of():
 
 def test_prune_neurons_activation_importance_uses_calibration():
     from sparsegraph import calibration
+
     zeroed = load("stories260K")
     zero_neurons(zeroed, 0.5, seed=3)
     reference, feeds = outputs(zeroed)
@@ -401,6 +402,7 @@ def test_prune_layers_by_count(calibrated):
     ctx = PassContext()
     if calibrated:
         from sparsegraph import calibration
+
         rng = np.random.default_rng(0)
         ctx.extras["calibration"] = calibration.Calibration(
             [{"tokens": rng.integers(0, 512, (1, 32)).astype(np.int64)}]

@@ -26,7 +26,7 @@ import pydantic
 from sparsegraph.calibration import calibration_of, tap_unsupported
 from sparsegraph.model import Model
 from sparsegraph.pass_manager import AnalysisPass, PassContext, PassResult, register
-from sparsegraph.passes.rewrite.targeted import TargetedConfig, TargetedRewrite
+from sparsegraph.passes.rewrite.targeted import TargetedConfig, pick_targets
 from sparsegraph.report_sections import ReportSection, add_section
 from sparsegraph.sparsity_plan import SparsityPlan, spread_sparsity, store_plan
 
@@ -174,15 +174,12 @@ def select_targets(
     targets of another kind than `supported` (or, if `calibrated`, whose input calibration
     cannot tap) are an `UnsupportedOpError`; such default targets are skipped with a warning."""
 
-    class _Selector(TargetedRewrite):
-        name = analysis.name
+    def unsupported_reason(op: WeightedOp) -> str | None:
+        if op.op_type not in supported:
+            return f"{op.op_type} ops are not supported (supported: {', '.join(supported)})"
+        if calibrated and op.op_type != "Gather":
+            return tap_unsupported(op.weight.node)
+        return None
 
-        def unsupported_reason(self, op):
-            reason = super().unsupported_reason(op)
-            if reason is None and calibrated and op.op_type != "Gather":
-                reason = tap_unsupported(op.weight.node)
-            return reason
-
-    _Selector.supported = supported
-    selector = _Selector(TargetedConfig(targets=analysis.config.targets, ignore=analysis.config.ignore))
-    return selector.select(model, ctx)
+    config = TargetedConfig(targets=analysis.config.targets, ignore=analysis.config.ignore)
+    return pick_targets(model, ctx, analysis.name, config, unsupported_reason)

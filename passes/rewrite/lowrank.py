@@ -134,5 +134,3 @@ def factor_node(graph: gs.Graph, node: gs.Node, a: np.ndarray, b: np.ndarray) ->
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.extend(new)
-
-

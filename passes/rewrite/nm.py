@@ -47,5 +47,5 @@ class NM(MaskRewrite):
     name = "nm"
     Config = NMConfig
 
-    def mask(self, w, ctx):
-        return nm_mask(w, self.config.n, self.config.m)
+    def masks(self, weights, ctx):
+        return [nm_mask(w, self.config.n, self.config.m) for w in weights]

@@ -10,6 +10,7 @@ has zeros wherever the mask says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -53,32 +54,41 @@ class TargetedRewrite(RewritePass):
 
     def select(self, model: Model, ctx: PassContext) -> tuple[list[WeightedOp], list[str]]:
         """Targets this pass will rewrite, and warnings for default targets it skips."""
-        ops = ctx.get(SparsifiableOps, model)
-        roles = ctx.get(Roles, model)
-        where = f"pass {self.name!r} on {model.name}"
-        chosen = select(ops, roles, self.config.targets, self.config.ignore, where)
-        keep, warnings = [], []
-        for op in chosen:
-            reason = self.unsupported_reason(op)
-            if reason is None:
-                keep.append(op)
-            elif self.config.targets is not None:
-                raise UnsupportedOpError(f"{where}: cannot rewrite op {op.name!r}: {reason}")
-            else:
-                warnings.append(f"left {op.name!r} untouched: {reason}")
-        return keep, warnings
+        return pick_targets(model, ctx, self.name, self.config, self.unsupported_reason)
+
+
+def pick_targets(
+    model: Model,
+    ctx: PassContext,
+    name: str,
+    config: TargetedConfig,
+    unsupported_reason: Callable[[WeightedOp], str | None],
+) -> tuple[list[WeightedOp], list[str]]:
+    """The ops `config`'s targets/ignore pick, and warnings for default targets skipped
+    because `unsupported_reason` gives a reason; explicit targets with a reason are an
+    `UnsupportedOpError` (named after pass or analysis `name`)."""
+    ops = ctx.get(SparsifiableOps, model)
+    roles = ctx.get(Roles, model)
+    where = f"pass {name!r} on {model.name}"
+    chosen = select(ops, roles, config.targets, config.ignore, where)
+    keep, warnings = [], []
+    for op in chosen:
+        reason = unsupported_reason(op)
+        if reason is None:
+            keep.append(op)
+        elif config.targets is not None:
+            raise UnsupportedOpError(f"{where}: cannot rewrite op {op.name!r}: {reason}")
+        else:
+            warnings.append(f"left {op.name!r} untouched: {reason}")
+    return keep, warnings
 
 
 class MaskRewrite(TargetedRewrite):
     """Zero the entries of each target's weight that a technique's keep-mask drops."""
 
-    def mask(self, w: np.ndarray, ctx: PassContext) -> np.ndarray:
-        """Keep-mask (bool, same shape) for one canonical weight `w[N, K]`."""
-        raise NotImplementedError
-
-    def masks(self, weights: list[np.ndarray], ctx: PassContext) -> list[np.ndarray]:
-        """Keep-masks for all targets at once (override for techniques that look across ops)."""
-        return [self.mask(w, ctx) for w in weights]
+    #: the technique: keep-masks (bool, same shapes) for the canonical weights ``w[N, K]`` of
+    #: all targets, ``masks(weights, ctx)``; each subclass that uses `run` defines it
+    masks: Callable[[list[np.ndarray], PassContext], list[np.ndarray]]
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         targets, warnings = self.select(model, ctx)

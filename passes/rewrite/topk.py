@@ -35,8 +35,8 @@ class TopK(MaskRewrite):
     Config = TopKConfig
     supported = ("MatMul", "Gemm", "Conv", "Gather")
 
-    def mask(self, w, ctx):
+    def masks(self, weights, ctx):
         try:
-            return topk_mask(w, self.config.k, self.config.granularity)
+            return [topk_mask(w, self.config.k, self.config.granularity) for w in weights]
         except ValueError as exc:
             raise RecipeError(f"pass 'topk': {exc}") from None
