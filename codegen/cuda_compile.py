@@ -103,7 +103,8 @@ def compile_cuda(
         built = relax_build.build_module(
             proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(rctx)
         )
-        fused[:] = rctx.decisions
+        if not dense_tags:  # the decisions for every bucket, not the dense baseline's
+            fused[:] = rctx.decisions
         return built
 
     chosen = CUDADispatcher(target, db, measure=measure if measure_kernels is None else measure_kernels)
