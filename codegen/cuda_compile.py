@@ -39,13 +39,12 @@ from .llvm_compile import (
     bucket_feeds,
     buckets_for,
     export_module,
-    feeds_for,
+    label_and_compare,
     linear_weights,
     manifest_files,
     manifest_header,
     op_decisions,
     ship_faster,
-    time_ort,
     time_vm,
     write_json,
 )
@@ -126,12 +125,7 @@ def compile_cuda(
                 (executable, swaps, params, param_names),
                 functools.partial(time_vm, dev=dev),
             )
-        for tag in buckets:
-            timing[tag]["shipped"] = "dense" if tag in slower else "dispatched"
-        if reference is not None:
-            ref_model = Model.load(reference)
-            for tag, f in feeds.items():
-                timing[tag]["onnxruntime"] = time_ort(Path(reference), feeds_for(ref_model, f))
+        label_and_compare(timing, slower, reference, feeds)
     export_module(executable, params, out_dir)
     db.save()
     manifest = {
