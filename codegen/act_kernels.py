@@ -533,8 +533,11 @@ def build_act_bitmap(
 
 # --------------------------------------------------------------------------- Relax rewrite
 
-#: assumed activation sparsity when timing a fused kernel (the ONNX graph carries only T)
+#: activation sparsity a fused kernel is timed at when the model records none for its
+#: threshold (`ctx.act_sparsity`, from the `activation_sparsity` pass's model metadata)
 ASSUMED_SPARSITY = 0.5
+#: calibrated sparsities are timed on this grid (weights of one shape then share a measurement)
+SPARSITY_STEP = 0.01
 #: the fused kernel must stay within this factor of dense with every channel active
 GUARD = 0.97
 MAX_M = 8
@@ -547,8 +550,9 @@ def act_sparse_rewrite(ctx: Any):
     at M = 1, strips/panel above; `build_act_bitmap` too when W is >= 30 % zeros) when it,
     timed like the dispatcher times (`dispatch.Timer`, cold when ``ctx.cold``), beats the
     best dense-input kernel (`cpu_kernels.build_dense`, and the weight-sparse
-    bitmap kernel for a sparse W) at `ASSUMED_SPARSITY` independent per row, and with every
-    channel active stays within `GUARD` of it. Decisions are cached in ``ctx.db``; one record
+    bitmap kernel for a sparse W) at the activation sparsity the model records for T
+    (``ctx.act_sparsity``; `ASSUMED_SPARSITY` when it records none) independent per row,
+    and with every channel active stays within `GUARD` of it. Decisions are cached in ``ctx.db``; one record
     per (weight, M) goes to ``ctx.decisions``. llvm targets only (None otherwise)."""
     if str(ctx.target.kind.name) != "llvm":
         return None
@@ -598,15 +602,30 @@ def _schedule(label: str) -> dict[str, Any]:
     return {"layout": parts[0], **({"prefetch": int(parts[1])} if len(parts) > 1 else {})}
 
 
-def decision_key(target: Any, w_onnx: np.ndarray, th: np.ndarray, m: int, cold: bool) -> str:
-    """TuningDB key of the fused-vs-dense decision for one weight, threshold vector and M."""
+def decision_key(
+    target: Any, w_onnx: np.ndarray, th: np.ndarray, m: int, cold: bool, sparsity: float | None = None
+) -> str:
+    """TuningDB key of the fused-vs-dense decision for one weight, threshold vector and M
+    (and the calibrated activation sparsity it was timed at, when there is one)."""
     import hashlib
 
     from sparsegraph.codegen.dispatch import _target_key
 
     k, n = w_onnx.shape
     digest = hashlib.sha1(np.ascontiguousarray(w_onnx).tobytes() + th.tobytes()).hexdigest()[:16]
-    return f"{_target_key(target)}|act_sparse|M{m}|K{k}|N{n}|{digest}|{cold}"
+    key = f"{_target_key(target)}|act_sparse|M{m}|K{k}|N{n}|{digest}|{cold}"
+    return key if sparsity is None else f"{key}|s{sparsity:.4f}"
+
+
+def calibrated_sparsity(ctx: Any, th: np.ndarray) -> float | None:
+    """The sparsity the model records for thresholds `th[K]` (``ctx.act_sparsity``, keyed by
+    `activation_sparsity.threshold_key`), or None when it records none."""
+    table = getattr(ctx, "act_sparsity", None)
+    if not table:
+        return None
+    from sparsegraph.passes.rewrite.activation_sparsity import threshold_key
+
+    return table.get(threshold_key(th, th.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -627,7 +646,10 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
 
     k, n = w.shape
     wsp = float(1 - np.count_nonzero(w) / w.size)
-    key = decision_key(ctx.target, w, th, m, ctx.cold)
+    cal = calibrated_sparsity(ctx, th)
+    # timed at the calibrated sparsity on a grid of SPARSITY_STEP, else at ASSUMED_SPARSITY
+    s_used = ASSUMED_SPARSITY if cal is None else round(round(cal / SPARSITY_STEP) * SPARSITY_STEP, 4)
+    key = decision_key(ctx.target, w, th, m, ctx.cold, None if cal is None else s_used)
     if key in cache:
         return cache[key]
     builders = {
@@ -648,22 +670,22 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
 
     stored = ctx.db.get(key)
     if stored is not None:
-        rec = dict(stored, from_db=True)
+        rec = dict(stored, from_db=True, calibrated_sparsity=cal)
         cache[key] = (chosen(rec["kernel"]) if rec["chosen"] == "fused" else None, rec)
         return cache[key]
     timer = Timer(repeat=11)  # the decision is cached: spend a little more for a stable median
     rng = np.random.default_rng(0)
     sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
     x_all = (sign * (np.abs(th) + 1.0)).astype(np.float32)  # every channel active
-    x_s = np.where(rng.random((m, k)) < ASSUMED_SPARSITY, 0.0, x_all).astype(np.float32)
+    x_s = np.where(rng.random((m, k)) < s_used, 0.0, x_all).astype(np.float32)
     if np.all(th < 0):  # every channel always active: the pattern cannot skip anything
         x_s = x_all
     # with a dense W, every time here depends on the shapes only (the inputs are synthetic):
     # weights of one shape share one measurement
-    shape_key = ("timing", k, n, m) if "act_bitmap" not in builders else None
+    shape_key = ("timing", k, n, m, s_used) if "act_bitmap" not in builders else None
     if shape_key in cache:
         dense_s, fused = cache[shape_key]
-        return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused)
+        return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused, (cal, s_used))
     bases = {"dense": ck.build_dense}
     if "act_bitmap" in builders:
         bases["bitmap"] = ck.build_bitmap
@@ -688,11 +710,13 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         gc.collect()
     if shape_key is not None:
         cache[shape_key] = (dense_s, fused)
-    return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused)
+    return _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused, (cal, s_used))
 
 
-def _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused) -> tuple[Any, dict]:
-    """The decision from the measured times; stored in ``ctx.db`` and `cache`."""
+def _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused, sparsity) -> tuple[Any, dict]:
+    """The decision from the measured times; stored in ``ctx.db`` and `cache`. `sparsity`:
+    (calibrated sparsity or None, sparsity the fused kernel was timed at)."""
+    cal, s_used = sparsity
     best_base = min(dense_s, key=dense_s.get)
     best = min(fused, key=lambda f: fused[f][0])
     t_s, t_0 = fused[best]
@@ -704,7 +728,9 @@ def _record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused) -> tupl
         "threshold": kind,
         "weight_sparsity": round(wsp, 4),
         "assumed_activation_sparsity": ASSUMED_SPARSITY,
-        "calibrated_sparsity": None,
+        "calibrated_sparsity": cal,
+        "timed_activation_sparsity": s_used,
+        "sparsity_source": "calibrated" if cal is not None else "assumed (the model records none)",
         "kernel": best,
         "fused_us": t_s * 1e6,
         "fused_all_active_us": t_0 * 1e6,

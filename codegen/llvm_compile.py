@@ -29,6 +29,7 @@ from sparsegraph.model import Model
 from sparsegraph.pass_manager import PassContext
 from sparsegraph.passes.analysis.roles import Roles
 from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps
+from sparsegraph.passes.rewrite.activation_sparsity import calibrated_sparsities
 
 MODULE = "module.so"
 PARAMS = "params.npz"
@@ -94,7 +95,7 @@ def compile_llvm(
             name, w = weights[key]
             return dense_kernels.kernel(name, w, m) if tag in dense_tags else dispatcher.kernel(name, w, m)
 
-        ctx = RewriteContext(target, cold, db, dense_tags)
+        ctx = RewriteContext(target, cold, db, dense_tags, act_sparsity=calibrated_sparsities(model))
         built = relax_build.build_module(
             proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(ctx)
         )

@@ -29,6 +29,8 @@ class RewriteContext:
     db: Any  # dispatch.TuningDB
     dense_tags: frozenset[str] = frozenset()  # buckets that must compile dense only
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    #: activation sparsity reached per threshold, `activation_sparsity.calibrated_sparsities`
+    act_sparsity: dict[str, float] = field(default_factory=dict)
 
 
 #: factories, in the order their rewrites run

@@ -144,6 +144,11 @@ def test_compiled_model_with_where_pattern_matches_onnxruntime(tmp_path):
     assert all(
         f["fused_us"] > 0 and f["dense_us"] > 0 and f["chosen"] in ("fused", "dense") for f in man["fused"]
     )
+    # no calibrated sparsity recorded in this model: timed at the assumed 50 %, and said so
+    assert all(
+        f["calibrated_sparsity"] is None and f["timed_activation_sparsity"] == ak.ASSUMED_SPARSITY
+        and f["sparsity_source"].startswith("assumed") for f in man["fused"]
+    )  # fmt: skip
     sess = Session(tmp_path / "out")
     for batch in (1, 4):
         feeds = _feeds(batch)
@@ -177,6 +182,36 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
     md = "\n".join(_codegen_markdown(man))
     assert "Fused kernels" in md and md.count("| fused |") == 2
     feeds = _feeds(1, seed=5)
+    (got,) = Session(tmp_path / "out").run(["Y"], feeds)
+    (ref,) = g.run_ort(model, feeds)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_recorded_sparsity_sets_the_timing_per_threshold(tmp_path):
+    """A model recording a calibrated sparsity for one of its two thresholds (metadata keyed
+    by the threshold's values): that weight's fused kernel is timed at it, the other at the
+    assumed 50 %; the decisions are cached per sparsity; the module still matches onnxruntime."""
+    from sparsegraph.passes.rewrite.activation_sparsity import METADATA_KEY, threshold_key
+
+    model, inits = _thresholded_mlp(seed=3)
+    key = threshold_key(inits["T0"], 64)
+    meta = {"version": 1, "thresholds": {key: {"sparsity": 0.8321, "source": "held_out", "k": 64}}}
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(model.SerializeToString())
+    db = tmp_path / "db.json"
+    man = compile_llvm(path, tmp_path / "out", batch_sizes=[1], db_path=db, tune_trials=1)
+    act = {tuple(f["weight_shape"]): f for f in man["fused"] if f.get("technique") == "activation_sparsity"}
+    assert act[(64, 128)]["calibrated_sparsity"] == 0.8321
+    assert act[(64, 128)]["timed_activation_sparsity"] == 0.83  # on the 1 % grid
+    assert act[(64, 128)]["sparsity_source"] == "calibrated"
+    assert act[(128, 48)]["calibrated_sparsity"] is None
+    assert act[(128, 48)]["timed_activation_sparsity"] == ak.ASSUMED_SPARSITY
+    stored = json.loads(db.read_text())
+    assert any(k.endswith("|s0.8300") for k in stored)  # its own tuning-DB entry
+    md = "\n".join(_codegen_markdown(man))
+    assert "83% calibrated" in md and "50% assumed" in md
+    feeds = _feeds(1, seed=4)
     (got,) = Session(tmp_path / "out").run(["Y"], feeds)
     (ref,) = g.run_ort(model, feeds)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
@@ -249,6 +284,16 @@ def test_activation_sparsity_pass_output_is_fused_on_stories260k(tmp_path):
     act = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
     assert len(act) == 35  # 5 layers x 7 projections, each behind a Where
     assert {f["threshold"] for f in act} == {"scalar"}
+    # every fused kernel was timed at the sparsity its threshold reached (held-out, here with
+    # 4 samples in one batch: calibration), which the pass recorded in portable.onnx and the
+    # compile read back by the threshold's values
+    report = json.loads((tmp_path / "report.json").read_text())
+    tensors = report["activation_sparsity"]["tensors"]
+    held = {t["held_out"] if t["held_out"] is not None else t["calibration"] for t in tensors}
+    assert len(held) == 20 and all(0.3 < h < 0.7 for h in held)
+    assert sorted({f["calibrated_sparsity"] for f in act}) == pytest.approx(sorted(held), abs=1e-6)
+    assert all(f["timed_activation_sparsity"] == round(f["calibrated_sparsity"], 2) for f in act)
+    assert "calibrated" in (tmp_path / "report.md").read_text()
     tokens = np.array([[5]], dtype=np.int64)
     (got,) = Session(tmp_path).run(["logits"], {"tokens": tokens})
     (ref,) = g.run_ort(onnx.load(tmp_path / "portable.onnx"), {"tokens": tokens})

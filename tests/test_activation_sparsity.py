@@ -18,9 +18,12 @@ from sparsegraph.eval.tokenizer import Llama2cTokenizer
 from sparsegraph.passes.analysis.roles import Roles
 from sparsegraph.passes.analysis.sparsifiable import SparsifiableOps
 from sparsegraph.passes.rewrite.activation_sparsity import (
+    METADATA_KEY,
+    calibrated_sparsities,
     find_inserted,
     greedy_allocation,
     measure_activation_sparsity,
+    threshold_key,
     threshold_mask,
     topk_mask,
 )
@@ -129,6 +132,31 @@ def test_inserted_ops_are_the_contract_form_and_only_targets_are_rewired():
     assert fan_out == [1, 1, 1, 1, 2, 2, 3, 3]
     assert len(find_inserted(model)) == 8
     onnx.checker.check_model(model.to_proto())
+
+
+def test_reached_sparsity_is_recorded_in_the_model_and_survives_save_and_load(tmp_path):
+    """The metadata maps each threshold's value key to its held-out sparsity; it survives a
+    save/load round trip, and the keys are recomputed from the T constants alone."""
+    model = sg.Model.load(FIXTURES / "llama_tiny.onnx")
+    _, result = _run(model, [{"pass": "activation_sparsity", "sparsity": 0.4}], _llama_calib(model, 6))
+    table = calibrated_sparsities(model)
+    held = {c.detail["key"]: c.detail["held_out"] for c in result.changes}
+    assert len(table) == 8 and table == pytest.approx(held, abs=1e-6)
+    assert all(0.2 < v < 0.6 for v in table.values())  # random tokens: near the 40 % target
+    path = model.save(tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert calibrated_sparsities(proto) == table  # read from the raw proto, too
+    again = sg.Model.load(path)
+    assert calibrated_sparsities(again) == table
+    dims = {c.detail["tensor"]: c.detail["dim"] for c in result.changes}
+    assert {threshold_key(s.threshold, dims[s.x]) for s in find_inserted(again)} == set(table)
+    # a scalar T and its [K] broadcast are the same thresholding; another value is not
+    assert threshold_key(np.float32(0.5), 8) == threshold_key(np.full(8, 0.5, np.float32), 8)
+    assert threshold_key(0.5, 8) != threshold_key(0.5000001, 8) != threshold_key(0.5, 9)
+    # a model without the record, or with an unreadable one, has no table
+    assert calibrated_sparsities(sg.Model.load(FIXTURES / "llama_tiny.onnx")) == {}
+    again.meta.metadata_props[METADATA_KEY] = "not json"
+    assert calibrated_sparsities(again) == {}
 
 
 def _chain(k=16, n=12, m=10, seed=0):

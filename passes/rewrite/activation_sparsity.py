@@ -33,10 +33,18 @@ transformer block (`scope: block`, TEAL's) or of the whole model (`scope: model`
 the model's outputs on a few calibration batches (`ActivationSparsity._greedy`).
 The report gets an `activation_sparsity` section (per site: threshold, target,
 calibration and held-out sparsity) with a plot.
+
+The sparsity each threshold reached (held-out, else calibration) is also stored in the
+model, as JSON in the metadata entry `METADATA_KEY`, keyed by `threshold_key` (a digest of
+the threshold values and K, which a compiler recomputes from the constant T it finds in
+the `Where` pattern, whatever became of node and tensor names); `calibrated_sparsities`
+reads it back. The compiled side times its fused kernels at that sparsity.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections import deque
@@ -66,6 +74,7 @@ from sparsegraph.report_sections import ReportSection, add_section, register_plo
 from .targeted import TargetedConfig, TargetedRewrite
 
 SECTION = "activation_sparsity"
+METADATA_KEY = "sparsegraph.activation_sparsity"  # model metadata: {threshold_key: sparsity reached}
 SEARCH_LIMIT = 64  # nodes visited when walking from the gate to the gating Mul
 
 
@@ -397,6 +406,61 @@ def measure_activation_sparsity(
     return {s.x: zeros[s.y] / max(count[s.y], 1) for s in sites}
 
 
+# ------------------------------------------------------------------- calibrated sparsity
+def threshold_key(t: Any, k: int) -> str:
+    """Key of a thresholding by its values: SHA-1 of T as float32 broadcast to ``[K]``, and K.
+    The same for a scalar T and a ``[K]`` T of equal values (they threshold alike)."""
+    a = np.asarray(t, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.full(k, a[0], dtype=np.float32)
+    if a.size != k:
+        raise ValueError(f"threshold must be a scalar or have K={k} entries; got {a.size}")
+    return f"K{k}:" + hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:20]
+
+
+def record_sparsities(model: Model, sites: list[Site]) -> dict[str, dict[str, Any]]:
+    """Store in `model`'s metadata (`METADATA_KEY`) the sparsity each thresholded site
+    reached: held-out if measured, else calibration, else the target; merged with earlier
+    entries. Sites sharing a key (equal thresholds) keep the mean. Returns the new entries."""
+    meta = model.meta.metadata_props
+    try:
+        entries = json.loads(meta.get(METADATA_KEY, "{}")).get("thresholds", {})
+    except (ValueError, AttributeError):
+        entries = {}
+    new: dict[str, list] = {}
+    for s in sites:
+        if s.knob is None or s.keep is not None:  # top-K: no threshold to key
+            continue
+        source = next((k for k in ("held_out", "calibration") if k in s.measured), "target")
+        value = s.measured.get(source, s.sparsity)
+        new.setdefault(threshold_key(s.knob.values, s.dim), []).append((value, source, s.x.name))
+    out = {}
+    for key, vals in new.items():
+        out[key] = {
+            "sparsity": round(float(np.mean([v for v, _, _ in vals])), 6),
+            "source": vals[0][1],
+            "k": int(key.split(":")[0][1:]),
+            "tensor": vals[0][2],  # for people reading the metadata; never used as a key
+        }
+    entries.update(out)
+    meta[METADATA_KEY] = json.dumps({"version": 1, "thresholds": entries}, sort_keys=True)
+    return out
+
+
+def calibrated_sparsities(model: Model | Any) -> dict[str, float]:
+    """``{threshold_key: sparsity}`` recorded in a model's metadata (a `Model` or an
+    `onnx.ModelProto`); empty when the model carries none or the entry is unreadable."""
+    if isinstance(model, Model):
+        props = model.meta.metadata_props
+    else:
+        props = {p.key: p.value for p in model.metadata_props}
+    try:
+        entries = json.loads(props.get(METADATA_KEY, "{}")).get("thresholds", {})
+        return {str(k): float(v["sparsity"]) for k, v in entries.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
 # ---------------------------------------------------------------------------------- pass
 class ActivationSparsityConfig(TargetedConfig):
     method: Literal["teal", "cats", "chess", "topk"] = pydantic.Field(
@@ -498,6 +562,7 @@ class ActivationSparsity(TargetedRewrite):
                     for s in inserted:
                         if s.x.name == name:
                             s.measured[label] = value
+        record_sparsities(model, inserted)
         for s in inserted:
             changes.append(Change(s.ops[0], self.name, _site_record(s, c.method)))
         add_section(ctx, _section(sites, c))
@@ -642,6 +707,7 @@ def _site_record(s: Site, method: str) -> dict[str, Any]:
         "target": round(s.sparsity, 6),
         "calibration": s.measured.get("calibration"),
         "held_out": s.measured.get("held_out"),
+        "key": None if s.knob is None or s.keep is not None else threshold_key(s.knob.values, s.dim),
     }
 
 
