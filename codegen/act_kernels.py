@@ -553,12 +553,18 @@ def act_sparse_rewrite(ctx: Any):
     bitmap kernel for a sparse W) at the activation sparsity the model records for T
     (``ctx.act_sparsity``; `ASSUMED_SPARSITY` when it records none) independent per row,
     and with every channel active stays within `GUARD` of it. Decisions are cached in ``ctx.db``; one record
-    per (weight, M) goes to ``ctx.decisions``. llvm targets only (None otherwise)."""
-    if str(ctx.target.kind.name) != "llvm":
+    per (weight, M) goes to ``ctx.decisions``. CUDA targets: the same pattern, decided by
+    `cuda_act_kernels.decide_cuda` (the fused kernel holds W in fp16)."""
+    kind = str(ctx.target.kind.name)
+    if kind not in ("llvm", "cuda"):
         return None
+    if kind == "cuda":
+        from .cuda_act_kernels import decide_cuda as decide
+    else:
+        decide = _decide
 
     def rewrite(mod):
-        swap = _ActSwap(mod, ctx)
+        swap = _ActSwap(mod, ctx, decide)
         out = swap.run()
         for name in list(vars(swap)):  # TVM keeps mutators alive from C++: drop references
             setattr(swap, name, None)
@@ -752,9 +758,9 @@ def _make_swap():
 
     @relax.expr_functor.mutator
     class ActSwap(relax.PyExprMutator):
-        def __init__(self, mod, ctx):
+        def __init__(self, mod, ctx, decide):
             super().__init__(mod)
-            self.mod_, self.ctx = mod, ctx
+            self.mod_, self.ctx, self.decide = mod, ctx, decide
             self._tag = ""
             self._gvars: dict[str, Any] = {}
             self._consts: dict[int, list] = {}  # id of a cached `_Chosen` -> its constants
@@ -801,7 +807,7 @@ def _make_swap():
                 th = thresholds(tv, k)
             except ValueError:
                 return call
-            kern, rec = _decide(self.ctx, np.ascontiguousarray(w), th, m, kind, self._cache)
+            kern, rec = self.decide(self.ctx, np.ascontiguousarray(w), th, m, kind, self._cache)
             self.ctx.decisions.append(dict(rec, bucket=self._tag))
             if kern is None:
                 return call
@@ -830,5 +836,5 @@ def _make_swap():
     return ActSwap
 
 
-def _ActSwap(mod, ctx):
-    return _make_swap()(mod, ctx)
+def _ActSwap(mod, ctx, decide):
+    return _make_swap()(mod, ctx, decide)

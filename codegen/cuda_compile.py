@@ -33,6 +33,7 @@ import onnx
 from sparsegraph.model import Model
 from sparsegraph.pass_manager import PassContext
 from sparsegraph.passes.analysis.roles import Roles
+from sparsegraph.passes.rewrite.activation_sparsity import calibrated_sparsities
 
 from .llvm_compile import (
     MANIFEST,
@@ -98,7 +99,7 @@ def compile_cuda(
             return kernel
 
         used.clear()
-        rctx = RewriteContext(target, True, db, dense_tags)
+        rctx = RewriteContext(target, True, db, dense_tags, act_sparsity=calibrated_sparsities(model))
         built = relax_build.build_module(
             proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(rctx)
         )

@@ -225,3 +225,67 @@ def test_measured_dispatch_times_every_candidate_on_the_gpu(tmp_path):
     again = CUDADispatcher(resolve_target("cuda"), TuningDB(tmp_path / "db.json"), measure=True)
     again.kernel("op", w, 1)
     assert again.decisions[("op", 1)].from_db
+
+
+# ------------------------------------------------------------------ activation sparsity
+
+
+def _act_mlp(tmp_path):
+    from test_act_kernels import _thresholded_mlp
+
+    model, inits = _thresholded_mlp(k=64, h=128, n=48, seed=7)
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, model, inits
+
+
+def _force_fused(db_path, target, inits):
+    """Tuning-DB records that make both thresholded matmuls take the fused CUDA kernel."""
+    from sparsegraph.codegen import act_kernels as ak
+
+    db = TuningDB(db_path)
+    for w, t in ((inits["W0"], inits["T0"]), (inits["W1"], inits["T1"])):
+        base = ak.decision_key(target, w, ak.thresholds(t, w.shape[0]), 1, True)
+        for how in ("|measured", "|bytes-model"):
+            rec = {"technique": "activation_sparsity", "weight_shape": list(w.shape), "M": 1}
+            db.put(
+                base + how, rec | {"kernel": "act_cuda", "chosen": "fused", "fused_us": 1.0, "dense_us": 2.0}
+            )
+    db.save()
+
+
+def test_act_sparse_pattern_is_decided_for_cuda(tmp_path):
+    """The `Where(|x| > T, x, 0) @ W` pattern on a CUDA target: one decision per thresholded
+    matmul (the bytes model without a GPU: these tiny weights stay dense); with stored
+    'fused' decisions the fused kernel is compiled into the module (CUDA source present)."""
+    path, _, inits = _act_mlp(tmp_path)
+    target = resolve_target("cuda")
+    man = compile_cuda(path, tmp_path / "a", target=target, db_path=tmp_path / "a.json")
+    act = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
+    assert {tuple(f["weight_shape"]) for f in act} == {(64, 128), (128, 48)}
+    assert all(f["measured"] == GPU and f["dense_us"] > 0 and f["fused_us"] > 0 for f in act)
+    if not GPU:  # a few KB of W cannot pay the fused kernel's fixed cost
+        assert [f["chosen"] for f in act] == ["dense", "dense"]
+    _force_fused(tmp_path / "b.json", target, inits)
+    man = compile_cuda(path, tmp_path / "b", target=target, db_path=tmp_path / "b.json")
+    act = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
+    assert [f["chosen"] for f in act] == ["fused", "fused"] and all(f["from_db"] for f in act)
+    assert (tmp_path / "b" / "module.so").stat().st_size > 0
+
+
+@needs_gpu
+def test_act_sparse_fused_kernel_runs_in_the_cuda_module(tmp_path):
+    """The forced fused kernels inside the compiled module on the GPU match onnxruntime on the
+    thresholded model (W stored fp16), call after call (the workspaces come back zeroed)."""
+    import graphs as g
+
+    path, model, inits = _act_mlp(tmp_path)
+    target = resolve_target("cuda")
+    _force_fused(tmp_path / "db.json", target, inits)
+    compile_cuda(path, tmp_path / "out", target=target, db_path=tmp_path / "db.json")
+    sess = Session(tmp_path / "out", device="cuda:0")
+    for seed in range(3):
+        feeds = {"X": np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32)}
+        (got,) = sess.run(["Y"], feeds)
+        (ref,) = g.run_ort(model, feeds)
+        assert np.abs(got - ref).max() <= TOL_FP16_WEIGHTS * np.abs(ref).max()
