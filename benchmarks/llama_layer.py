@@ -5,7 +5,8 @@ with the llama2.c exporter, prunes every projection to `--sparsity` (magnitude, 
 row), compiles it for this CPU with measured dispatch, and times one token (M = 1) through
 onnxruntime on the dense original (the baseline), our dense compilation and our sparse
 compilation, in the same run, interleaved (one step of each in turn). Cold and warm
-(tuning database filled) compile times too.
+(tuning database filled) compile times too. Both runtimes use every physical core
+(`cpu_kernels.use_all_cores`; onnxruntime gets the same intra-op thread count).
 
     python benchmarks/llama_layer.py [--sparsity 0.7] [--dim 4096 --hidden 11008 --heads 32]
 """
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 
 import sparsegraph as sg
+from sparsegraph.codegen.cpu_kernels import use_all_cores
 from sparsegraph.codegen.llvm_compile import compile_llvm
 from sparsegraph.models.llama2c import Llama2cConfig, export_onnx
 from sparsegraph.runtime import Session
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    threads = use_all_cores()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dense_path = tmp / "layer.onnx"
@@ -146,7 +149,7 @@ def main() -> None:
         compile_llvm(dense_path, tmp / "dense", batch_sizes=[1], seq_len=1, db_path=db)
         tokens = np.array([[7]], dtype=np.int64)
         compiled, compiled_dense = Session(tmp / "pruned"), Session(tmp / "dense")
-        ort_dense = session(dense_path)
+        ort_dense = session(dense_path, threads=threads)
         t = _time_interleaved(
             {
                 "ort": lambda: ort_dense.run(None, {"tokens": tokens}),
@@ -167,6 +170,7 @@ def main() -> None:
     result = {
         "shape": {"dim": args.dim, "hidden": args.hidden, "heads": args.heads, "vocab": args.vocab},
         "sparsity": args.sparsity,
+        "threads": threads,
         "decode_step_ms": {
             "onnxruntime_dense": t_ort * 1e3,
             "compiled_sparse": t_compiled * 1e3,
@@ -193,6 +197,7 @@ def main() -> None:
         f"| compiled, pruned (dispatch) | {d['compiled_sparse']:.2f} | {t_ort / t_compiled:.2f} |",
         f"| compiled, dense original | {d['compiled_dense']:.2f} | {t_ort / t_dense:.2f} |",
         "",
+        f"{threads} threads for both runtimes. "
         f"Compile: cold {cold:.1f} s, warm {warm:.1f} s (tuning database reused). "
         f"Max relative error vs the portable model in onnxruntime: {rel:.1e}.",
         "",

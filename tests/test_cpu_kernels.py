@@ -165,6 +165,20 @@ def test_dense_large_m_default_is_k_blocked():
     assert kern.schedule["k_block"] == 512 and kern.schedule["n_panel"] == 64
     check(kern, w, 70)
     assert ck.build_dense(w, 8, TARGET).schedule["k_block"] == 0
+    # one m tile (M <= m_tile): nothing reuses a K block, so a k_block request is dropped
+    one = ck.build_dense(w, 4, TARGET, {"m_tile": 4, "n_panel": 96, "k_block": 512})
+    assert one.schedule["k_block"] == 0 and one.schedule["m_tiles"] == 1
+    check(one, w, 4)
+    assert ck.build_dense(w, 9, TARGET, {"m_tile": 4, "k_block": 512}).schedule["k_block"] == 512
+
+
+def test_use_all_cores():
+    """TVM's pool gets every physical core unless TVM_NUM_THREADS / OMP_NUM_THREADS says otherwise."""
+    assert 1 <= ck.physical_cores() <= (os.cpu_count() or 1)
+    n = ck.use_all_cores()
+    assert n >= 1
+    if os.environ.get("TVM_NUM_THREADS"):
+        assert n == int(os.environ["TVM_NUM_THREADS"])
 
 
 def test_dense_asm_uses_zmm():
