@@ -1,5 +1,6 @@
 """Fused activation-sparse kernels (`codegen/act_kernels.py`, `codegen/cuda_act_kernels.py`)
-vs dense, cold cache, and a Llama-shaped decoder compiled with 50 % activation sparsity.
+vs dense, cold cache. (A Llama decoder compiled with 50 % activation sparsity is
+`benchmarks/act_llama_decoder.py`.)
 
 ``Y = where(|X| > T, X, 0) @ W`` with W ``K x N`` as ONNX stores it, for W of 4096x11008 and
 11008x4096. The threshold is set per run to the quantile of |X| that zeroes the wanted share
@@ -12,19 +13,14 @@ kernel (`cpu_kernels.build_dense`); also the weight-sparse variant (`build_act_b
 magnitude-pruned) at M = 1 vs the weight-sparse bitmap kernel alone. Cold cache as in
 `benchmarks/cpu_kernels.py` (whose helpers this imports): every method cycles through >= 4
 copies and >= 128 MB of its weights; the dense references are timed right before and after
-each cell and the faster is used. Then the decoder: ``--layers`` (default 1) layers at 7B dims (dim 4096,
-FFN 11008, 32 heads, random weights, llama2.c exporter as in `benchmarks/llama_layer.py`;
-with 2 layers the compile of the thresholded model peaked above 13 GB on this machine),
-``Where(Greater(Abs(x), T), x, 0)`` inserted before every linear op of the layers, T set
-per op so random inputs give 50 %, compiled; decode step vs the dense compiled model and
-onnxruntime (on the dense model and on the thresholded one).
+each cell and the faster is used.
 
 GPU (``--gpu``, run on the device machine, needs only torch + the TVM bundle): fp16 W and X,
 fp32 accumulate, M in {1, 4, 8}; baselines cuBLAS (``F.linear``) and torch "gather" (index
 the active rows of W, then matmul); each timed call follows a 256 MB read (L2 flushed), CUDA
 events, median of 30.
 
-    python benchmarks/act_kernels.py                 # CPU part + decoder (~6 min)
+    python benchmarks/act_kernels.py                 # CPU part (~4 min)
     python benchmarks/act_kernels.py --quick         # one shape, M = 1
     python benchmarks/act_kernels.py --gpu --out DIR # on the GPU machine
 
@@ -34,12 +30,10 @@ Writes ``benchmarks/results/act_kernels{,_gpu}.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -358,152 +352,6 @@ def _weight_sparse_cells(args, ak, ck, target, w, rng, timed, copies, shape):
     return out
 
 
-# --------------------------------------------------------------------------- decoder
-
-
-def llama_decoder_with_thresholds(
-    layers: int, dim: int, hidden: int, heads: int, vocab: int, sparsity: float
-):
-    """A llama2.c-exported decoder with `Where(Greater(Abs(x), T), x, 0)` in front of every
-    layer MatMul with a constant weight; T per op = the `sparsity` quantile of |x| that op
-    sees on random token inputs (measured in onnxruntime). Returns (dense, thresholded)."""
-    import onnx_graphsurgeon as gs
-
-    from sparsegraph.models.llama2c import Llama2cConfig, export_onnx
-
-    cfg = Llama2cConfig(dim, hidden, layers, heads, heads, vocab, 64, shared_classifier=False)
-    rng = np.random.default_rng(0)
-
-    def linear(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
-
-    hd = dim // heads
-    angles = np.outer(np.arange(64), 1.0 / 10000 ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    weights = {
-        "token_embedding": linear(vocab, dim), "rms_att": np.ones((layers, dim), np.float32),
-        "wq": linear(layers, dim, dim), "wk": linear(layers, dim, dim), "wv": linear(layers, dim, dim),
-        "wo": linear(layers, dim, dim), "rms_ffn": np.ones((layers, dim), np.float32),
-        "w1": linear(layers, hidden, dim), "w2": linear(layers, dim, hidden),
-        "w3": linear(layers, hidden, dim),
-        "rms_final": np.ones(dim, np.float32), "freq_cis_real": np.cos(angles).astype(np.float32),
-        "freq_cis_imag": np.sin(angles).astype(np.float32), "wcls": linear(vocab, dim),
-    }  # fmt: skip
-    dense = export_onnx(cfg, weights)
-    del weights
-    graph = gs.import_onnx(dense)
-    targets = [
-        node
-        for node in graph.nodes
-        if node.op == "MatMul"
-        and isinstance(node.inputs[1], gs.Constant)
-        and node.inputs[1].values.shape[1] != vocab
-    ]
-    # activations each target sees, from onnxruntime on random tokens
-    import onnx
-    import onnxruntime as ort
-
-    names = list(dict.fromkeys(t.inputs[0].name for t in targets))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(dense)
-    probe.graph.output.extend(
-        onnx.helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, None) for nm in names
-    )
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {graph.inputs[0].name: rng.integers(0, vocab, size=(1, 16)).astype(np.int64)}
-    acts = dict(zip(names, sess.run(names, feeds), strict=True))
-    del sess, probe
-    zero = gs.Constant("act_zero", np.array(0, np.float32))
-    for i, node in enumerate(targets):
-        x = node.inputs[0]
-        thr = np.float32(np.quantile(np.abs(acts[x.name]), sparsity))
-        a = gs.Variable(f"act{i}_abs", np.float32)
-        g = gs.Variable(f"act{i}_gt", bool)
-        y = gs.Variable(f"act{i}_y", np.float32)
-        graph.nodes += [
-            gs.Node("Abs", inputs=[x], outputs=[a]),
-            gs.Node("Greater", inputs=[a, gs.Constant(f"act{i}_t", np.array(thr, np.float32))], outputs=[g]),
-            gs.Node("Where", inputs=[g, x, zero], outputs=[y]),
-        ]
-        node.inputs[0] = y
-    graph.cleanup().toposort()
-    return dense, gs.export_onnx(graph)
-
-
-def run_decoder(args: argparse.Namespace) -> dict[str, Any]:
-    import tempfile
-
-    import sparsegraph as sg
-    from sparsegraph.codegen.llvm_compile import compile_llvm
-    from sparsegraph.runtime import Session
-    from sparsegraph.validate import session
-
-    def log(what: str) -> None:
-        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-        print(f"[decoder] {what} (rss {rss:.1f} GB)", flush=True)
-
-    def _time(fn, repeat=args.repeat):
-        fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    dense, thresholded = llama_decoder_with_thresholds(args.layers, 4096, 11008, 32, 256, 0.5)
-    log("models built")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        dpath, apath = tmp / "dense.onnx", tmp / "act50.onnx"
-        sg.Model.from_proto(dense).save(dpath)
-        sg.Model.from_proto(thresholded).save(apath)
-        del dense, thresholded
-        gc.collect()
-        log("models saved")
-        db = tmp / "tuning.json"
-        t0 = time.perf_counter()
-        man = compile_llvm(apath, tmp / "act", batch_sizes=[1], seq_len=1, db_path=db)
-        compile_s = time.perf_counter() - t0
-        gc.collect()
-        log(f"thresholded model compiled in {compile_s:.0f} s")
-        compile_llvm(dpath, tmp / "dense", batch_sizes=[1], seq_len=1, db_path=db)
-        tokens = np.array([[7]], dtype=np.int64)
-        gc.collect()
-        log("dense model compiled")
-        # two runtimes at a time (memory: each holds the weights), each pair interleaved
-        t: dict[str, float] = {}
-        outs = {}
-        for pair in (
-            {"onnxruntime_dense": lambda: session(dpath), "onnxruntime_thresholded": lambda: session(apath)},
-            {
-                "compiled_dense": lambda: Session(tmp / "dense"),
-                "compiled_act50": lambda: Session(tmp / "act"),
-            },
-        ):
-            sessions = {name: make() for name, make in pair.items()}
-            for _ in range(2):  # the faster of two interleaved rounds
-                for name, sess in sessions.items():
-                    v = _time(lambda sess=sess: sess.run(None, {"tokens": tokens}))
-                    t[name] = min(t.get(name, v), v)
-            for name, sess in sessions.items():
-                outs[name] = sess.run(None, {"tokens": tokens})[0]
-            log(f"timed {', '.join(sessions)}")
-            del sessions
-            gc.collect()
-        ref = outs["onnxruntime_thresholded"]
-        rel = float(np.abs(outs["compiled_act50"] - ref).max() / np.abs(ref).max())
-    fused = [f for f in man.get("fused", []) if f.get("technique") == "activation_sparsity"]
-    return {
-        "layers": args.layers,
-        "decode_step_ms": {k: v * 1e3 for k, v in t.items()},
-        "compiled_act50_vs_compiled_dense": t["compiled_dense"] / t["compiled_act50"],
-        "compiled_act50_vs_onnxruntime_dense": t["onnxruntime_dense"] / t["compiled_act50"],
-        "max_rel_error_vs_onnxruntime": rel,
-        "compile_seconds": compile_s,
-        "fused": fused,
-    }
-
-
 # --------------------------------------------------------------------------- output
 
 
@@ -557,36 +405,7 @@ def cpu_markdown(res: dict[str, Any]) -> str:
                 f"| {c['shape']} | {c['sparsity']:.0%} | {c['bitmap_ms']:.2f} | {c['fused_ms']:.2f} "
                 f"| **{c['vs_bitmap']:.2f}** | {c['max_rel_err']:.1e} |"
             )
-    d = res.get("decoder")
-    if d:
-        t = d["decode_step_ms"]
-        lines += [
-            "",
-            f"## Llama-shaped decoder ({d['layers']} layer{'s' if d['layers'] > 1 else ''} at 7B dims), "
-            "50 % activation sparsity, "
-            "decode step",
-            "",
-            "| runtime (same run, faster of 2 interleaved rounds) | ms / step |",
-            "|---|---|",
-        ]
-        lines += [f"| {k} | {v:.2f} |" for k, v in t.items()]
-        lines += [
-            "",
-            "Compiled with 50 % activation sparsity: "
-            f"**{d['compiled_act50_vs_compiled_dense']:.2f}x** the dense compiled model, "
-            f"**{d['compiled_act50_vs_onnxruntime_dense']:.2f}x** onnxruntime on the dense model. "
-            "Max relative error vs onnxruntime on the thresholded model: "
-            f"{d['max_rel_error_vs_onnxruntime']:.1e}. "
-            + (f"(Decoder from `{m['decoder_command']}`.) " if "decoder_command" in m else "")
-            + "A weight goes fused when the fused kernel at 50 % beats dense and, with every channel "
-            "active, stays within 0.97x of it. "
-            f"Compile {d['compile_seconds']:.0f} s. Fused-kernel decisions: "
-            + ", ".join(
-                f"{f['weight_shape'][0]}x{f['weight_shape'][1]} {f['chosen']} (fused {f['fused_us']:.0f}, "
-                f"all channels active {f['fused_all_active_us']:.0f}, dense {f['dense_us']:.0f} µs)"
-                for f in d["fused"]
-            ),
-        ]
+    lines += ["", "The Llama decoder with 50 % activation sparsity: `benchmarks/act_llama_decoder.py`."]
     return "\n".join(lines) + "\n"
 
 
@@ -629,12 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         default="128:2:16,128:1:16,128:4:8,128:2:32,64:4:16,256:1:16",
         help="threads:blocks_per_sm:unroll schedules timed at M = 1",
     )
-    p.add_argument("--no-decoder", action="store_true")
-    p.add_argument("--only-decoder", action="store_true")
     p.add_argument("--gpu-json", type=Path, help="re-render the GPU tables and plot from this JSON")
     p.add_argument("--cpu-json", type=Path, help="re-render the CPU tables and plot from this JSON")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--min-mb", type=float, default=128)
     p.add_argument("--min-copies", type=int, default=4)
     p.add_argument("--min-time", type=float, default=0.25)
@@ -648,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     args.gpu_variants = [tuple(int(u) for u in v.split(":")) for v in args.gpu_variants.split(",") if v]
     if args.quick:
-        args.shapes, args.ms, args.no_decoder = args.shapes[:1], [1], True
+        args.shapes, args.ms = args.shapes[:1], [1]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.gpu or args.gpu_json:
@@ -678,11 +493,7 @@ def main(argv: list[str] | None = None) -> None:
             "fused act-sparse kernel vs onnxruntime (CPU)",
         )
         return
-    res = run_cpu(args) if not args.only_decoder else {"cells": []}
-    gc.collect()
-    if not args.no_decoder:
-        res["decoder"] = run_decoder(args)
-        res["decoder"]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res = run_cpu(args)
     res["meta"] = {
         "command": "python benchmarks/act_kernels.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
         "cpu": f"{platform.machine()} (LLVM mcpu {_mcpu()})",

@@ -443,7 +443,8 @@ def record_sparsities(model: Model, sites: list[Site]) -> dict[str, dict[str, An
             "tensor": vals[0][2],  # for people reading the metadata; never used as a key
         }
     entries.update(out)
-    meta[METADATA_KEY] = json.dumps({"version": 1, "thresholds": entries}, sort_keys=True)
+    if entries:
+        meta[METADATA_KEY] = json.dumps({"version": 1, "thresholds": entries}, sort_keys=True)
     return out
 
 
