@@ -398,7 +398,10 @@ def _prefetch(ref, locality=3):
     )
 
 
-def _dense_func(M, N, K, mt, nmt, nb, ku, pf=0):
+def _dense_func(M, N, K, mt, nmt, nb, ku, pf=0, pp=1):
+    """Unblocked dense kernel: a task = one m tile x `pp` panels (``NP % pp == 0``), its
+    panels streamed side by side (pp > 1: more independent streams and accumulator chains
+    per thread, for M = 1)."""
     NP = -(-N // nb)
     NV = nb // 16
     KO, KT = K // ku, K % ku
@@ -411,47 +414,56 @@ def _dense_func(M, N, K, mt, nmt, nb, ku, pf=0):
         Y: T.Buffer((M, N), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        for tp in T.parallel(nmt * NP):
-            acc = T.decl_buffer((mt, nb), "float32")
+        for tp in T.parallel(nmt * (NP // pp)):
+            acc = T.decl_buffer((pp, mt, nb), "float32")
             # consecutive tasks (one thread's static chunk) share a panel: it stays in L2 across m tiles
             mo = T.meta_var(tp % nmt)
-            p = T.meta_var(tp // nmt)
-            for i in T.unroll(mt):
-                for v in T.unroll(NV):
-                    acc[i, T.Ramp(v * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
+            p0 = T.meta_var(tp // nmt * pp)
+            for g in T.unroll(pp):
+                for i in T.unroll(mt):
+                    for v in T.unroll(NV):
+                        acc[g, i, T.Ramp(v * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
             for ko in range(KO):
                 if pf > 0:  # the panel rows pf inputs ahead, one prefetch per 64-byte line
-                    for q in T.unroll(ku * nb // 16):
-                        _prefetch(Wp[p, T.min(ko * ku + pf + q * 16 // nb, K - 1), q * 16 % nb])
+                    for g in T.unroll(pp):
+                        for q in T.unroll(ku * nb // 16):
+                            _prefetch(Wp[p0 + g, T.min(ko * ku + pf + q * 16 // nb, K - 1), q * 16 % nb])
                 for ki in T.unroll(ku):
-                    for i in T.unroll(mt):
-                        for v in T.unroll(NV):
-                            acc[i, T.Ramp(v * 16, 1, 16)] = (
-                                acc[i, T.Ramp(v * 16, 1, 16)]
-                                + T.Broadcast(X[T.min(mo * mt + i, M - 1), ko * ku + ki], 16)
-                                * Wp[p, ko * ku + ki, T.Ramp(v * 16, 1, 16)]
-                            )
+                    for g in T.unroll(pp):
+                        for i in T.unroll(mt):
+                            for v in T.unroll(NV):
+                                acc[g, i, T.Ramp(v * 16, 1, 16)] = (
+                                    acc[g, i, T.Ramp(v * 16, 1, 16)]
+                                    + T.Broadcast(X[T.min(mo * mt + i, M - 1), ko * ku + ki], 16)
+                                    * Wp[p0 + g, ko * ku + ki, T.Ramp(v * 16, 1, 16)]
+                                )
             if KT > 0:
                 for ki in T.unroll(KT):
-                    for i in T.unroll(mt):
-                        for v in T.unroll(NV):
-                            acc[i, T.Ramp(v * 16, 1, 16)] = (
-                                acc[i, T.Ramp(v * 16, 1, 16)]
-                                + T.Broadcast(X[T.min(mo * mt + i, M - 1), KO * ku + ki], 16)
-                                * Wp[p, KO * ku + ki, T.Ramp(v * 16, 1, 16)]
-                            )
-            for i in T.unroll(mt):
-                if mo * mt + i < M:
-                    if NTAIL > 0:
-                        if p < NP - 1:
+                    for g in T.unroll(pp):
+                        for i in T.unroll(mt):
                             for v in T.unroll(NV):
-                                Y[mo * mt + i, T.Ramp(p * nb + v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)]
+                                acc[g, i, T.Ramp(v * 16, 1, 16)] = (
+                                    acc[g, i, T.Ramp(v * 16, 1, 16)]
+                                    + T.Broadcast(X[T.min(mo * mt + i, M - 1), KO * ku + ki], 16)
+                                    * Wp[p0 + g, KO * ku + ki, T.Ramp(v * 16, 1, 16)]
+                                )
+            for g in T.unroll(pp):
+                for i in T.unroll(mt):
+                    if mo * mt + i < M:
+                        if NTAIL > 0:
+                            if p0 + g < NP - 1:
+                                for v in T.unroll(NV):
+                                    Y[mo * mt + i, T.Ramp((p0 + g) * nb + v * 16, 1, 16)] = acc[
+                                        g, i, T.Ramp(v * 16, 1, 16)
+                                    ]
+                            else:
+                                for q in range(NTAIL):
+                                    Y[mo * mt + i, (p0 + g) * nb + q] = acc[g, i, q]
                         else:
-                            for q in range(NTAIL):
-                                Y[mo * mt + i, p * nb + q] = acc[i, q]
-                    else:
-                        for v in T.unroll(NV):
-                            Y[mo * mt + i, T.Ramp(p * nb + v * 16, 1, 16)] = acc[i, T.Ramp(v * 16, 1, 16)]
+                            for v in T.unroll(NV):
+                                Y[mo * mt + i, T.Ramp((p0 + g) * nb + v * 16, 1, 16)] = acc[
+                                    g, i, T.Ramp(v * 16, 1, 16)
+                                ]
 
     return main
 
@@ -553,7 +565,11 @@ def build_dense(w: Any, M: int, target: Any = None, schedule: Mapping[str, Any] 
     schedule had been picked by a noisy measurement),
     ``prefetch`` (software prefetch of the panel this many inputs ahead, unblocked kernel
     only; 0 = off, the default: on W 4096x11008 at M = 1 it made the cold kernel 15-25 %
-    slower, the hardware prefetcher already follows the panel streams).
+    slower, the hardware prefetcher already follows the panel streams), ``panels`` (panels
+    per parallel task, streamed side by side, unblocked kernel only, used where it divides
+    the panel count; default 2 while that is at most 4 accumulators, i.e. M = 1 with 32-wide
+    panels: Llama-7B layer's 8 weights at M = 1, 2 threads, cold, interleaved, 5 runs on a
+    busy VM: 0.95-1.0x the time of 1 panel per task, median 0.975; 1.01x single-threaded).
 
     Defaults: M < 64: 8 x 32 tiles (16 zmm accumulators; 8 x 64 spills), no K blocks (a
     task streams its panel over all of K). M >= 64 (compute-bound): 6 x 64 tiles (24
@@ -571,7 +587,7 @@ def build_dense(w: Any, M: int, target: Any = None, schedule: Mapping[str, Any] 
     big = M >= 64
     sch = _merge_schedule(
         {"m_tile": 6 if big else 8, "n_panel": 64 if big else 32, "k_unroll": 4, "prefetch": 0,
-         "k_block": 512 if big else 0},
+         "k_block": 512 if big else 0, "panels": None},
         schedule,
         "dense",
     )  # fmt: skip
@@ -585,11 +601,18 @@ def build_dense(w: Any, M: int, target: Any = None, schedule: Mapping[str, Any] 
     pf = int(sch["prefetch"] or 0)
     if kc >= k or nmt == 1:  # K blocks pay only when several m tiles reuse a block
         kc = 0
-    sch.update(n_panel=nb, k_unroll=ku, m_tile_used=mt, m_tiles=nmt, prefetch=pf, k_block=kc)
+    npan = -(-n // nb)
+    pp = sch["panels"]
+    if pp is None:  # 2 panels per task while that stays at <= 4 accumulators (M = 1 at nb <= 32)
+        pp = 2 if mt * (nb // 16) <= 2 else 1
+    pp = max(1, int(pp))
+    if kc or npan % pp:
+        pp = 1
+    sch.update(n_panel=nb, k_unroll=ku, m_tile_used=mt, m_tiles=nmt, prefetch=pf, k_block=kc, panels=pp)
     if kc:
         prim = _dense_kb_func(M, n, k, mt, nmt, nb, ku, kc)
     else:
-        prim = _dense_func(M, n, k, mt, nmt, nb, ku, pf)
+        prim = _dense_func(M, n, k, mt, nmt, nb, ku, pf, pp)
     return _finish("dense", "dense", prim, (M, n, k), {"Wp": pack_dense_panels(a, nb)}, sch, target)
 
 

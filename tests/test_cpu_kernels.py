@@ -172,6 +172,18 @@ def test_dense_large_m_default_is_k_blocked():
     assert ck.build_dense(w, 9, TARGET, {"m_tile": 4, "k_block": 512}).schedule["k_block"] == 512
 
 
+@pytest.mark.parametrize(
+    "n, m, panels, used", [(48, 1, None, 2), (80, 1, 2, 1), (96, 3, 3, 3), (64, 1, 1, 1)]
+)
+def test_dense_panels_per_task(n, m, panels, used):
+    """Several panels per task (default 2 at M = 1), with a partial last panel; a count that
+    does not divide the panels falls back to 1."""
+    w = random_weight(n, 40, 0.0, 5)  # K = 40: k_unroll tail too
+    kern = ck.build_dense(w, m, TARGET, {"panels": panels})
+    assert kern.schedule["panels"] == used
+    check(kern, w, m)
+
+
 def test_use_all_cores():
     """TVM's pool gets every physical core unless TVM_NUM_THREADS / OMP_NUM_THREADS says otherwise."""
     assert 1 <= ck.physical_cores() <= (os.cpu_count() or 1)
