@@ -26,9 +26,10 @@ Kernels (``acc`` = accumulators kept in registers; "m tile" = rows of X handled 
   (2x faster than m-tile-major at M=512, K=11008); per k (unrolled by ``k_unroll``):
   ``acc[i, 0:nb] += x[i, k] * Wp[p, k, 0:nb]`` for the ``m_tile`` rows, i.e. ``m_tile *
   nb / 16`` zmm accumulators (default 8 x 32 = 16; M tiles are balanced, a partial tile
-  re-reads row M-1 and skips its store). At M >= 64 by default K-blocked (``k_block``
-  512, 6 x 64 tiles): per panel, per K block, every m tile, so the block stays in cache
-  and Y's panel columns in L2 (M = 512, K = 11008: 0.88 -> 1.00x ORT single-threaded).
+  re-reads row M-1 and skips its store); at M = 1 a task streams 2 panels side by side.
+  At M >= 64 by default K-blocked (``k_block`` 512, 6 x 64 tiles): per panel, per K
+  block, every m tile, so the block stays in cache and Y's panel columns in L2 (M = 512,
+  K = 11008: 0.88 -> 1.00x ORT single-threaded).
 * ``build_csr``: CSR of W (rows = outputs) padded to 16 entries per row, uint16 columns
   (int32 when K > 65536), int32 row pointers. ``gather`` variant (M = 1): parallel over
   rows; per 16 entries one AVX-512 gather of x per row of X, ``acc16 += v16 * x[cols]``,
@@ -59,7 +60,8 @@ Kernels (``acc`` = accumulators kept in registers; "m tile" = rows of X handled 
   else a gather (``k = g*m + pos``; AVX-512 gather, or scalar loads without AVX-512).
 
 All kernels are parallel (``T.parallel`` over independent output groups, so no write
-conflicts) and write every element of Y. Builders take a dense W[N, K] or an instance of
+conflicts; TVM's pool sized to every physical core, see `use_all_cores`) and write every
+element of Y. Builders take a dense W[N, K] or an instance of
 their `formats` class (used as is when its parameters match, so a large weight is packed
 once for several M). `SCHEDULE_SPACE` lists a few schedules per format for a tuner.
 
@@ -1278,7 +1280,8 @@ def build_nm(
 SCHEDULE_SPACE: dict[str, list[dict[str, Any]]] = {
     "dense": [
         {},
-        {"m_tile": 4, "n_panel": 96, "k_block": 512},  # 24 accumulators; best at M = 8..64
+        # 24 accumulators; best at M = 8..64 (K blocks only where M spans several m tiles)
+        {"m_tile": 4, "n_panel": 96, "k_block": 512},
         {"m_tile": 6, "n_panel": 64, "k_block": 0},
         {"m_tile": 6, "n_panel": 64, "k_block": 768},
         {"m_tile": 16, "n_panel": 16, "k_block": 0},
