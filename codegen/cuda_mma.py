@@ -431,10 +431,10 @@ def build(w: Any, m: int, target: Any = None, x_dtype: str = "float16", **schedu
     `w`: W ``[N, K]`` (any float dtype; stored as fp16). `schedule`: keys of a
     `SCHEDULE_SPACE` entry (missing keys from the first schedule that fits, see
     `schedules`). Returns a `cuda_kernels.CUDAKernel` with weights ``{"w": W fp16 [N, K]}``
-    and signature ``(X, w, Y)``. Raises `formats.UnfitError` when the schedule cannot run
-    this shape.
+    and signature ``(X, w, Y)``. `target`: the target it will be compiled for, when known
+    (wgmma schedules need sm_90a; compile those with `hopper_target`). Raises
+    `formats.UnfitError` when the schedule cannot run this shape, X dtype or target.
     """
-    del target  # PrimFuncs are target-independent; wgmma schedules need an sm_90a target (`hopper_target`)
     w16 = np.ascontiguousarray(np.asarray(w).astype(np.float16))
     if w16.ndim != 2:
         raise fmts.UnfitError(f"mma kernel needs a 2-D W [N, K]; got shape {w16.shape}")
@@ -446,6 +446,8 @@ def build(w: Any, m: int, target: Any = None, x_dtype: str = "float16", **schedu
     sched = {**base, **{key: int(v) for key, v in schedule.items() if key in base}}
     if sched["wg"] and x_dtype != "float16":
         raise fmts.UnfitError("wgmma schedules take float16 X")
+    if sched["wg"] and target is not None and str(target.attrs.get("arch", "")) != "sm_90a":
+        raise fmts.UnfitError(f"wgmma schedules need an sm_90a target (`hopper_target`); got {target}")
     _check(m, n, k, sched)
     if sched["wg"]:
         prim = _wgmma_func(m, n, k, sched["bm"], sched["bn"], sched["stages"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tvm
 
+from sparsegraph.codegen import cuda_kernels as ck
 from sparsegraph.codegen import cuda_mma as cm
 from sparsegraph.codegen.formats import UnfitError
 
@@ -70,6 +71,9 @@ def test_schedules_fit_and_unfit():
         cm.build(_w(256, 512), 16, x_dtype="int8")
     with pytest.raises(UnfitError):
         cm.build(_w(256, 512), 256, x_dtype="float32", **cm.SCHEDULE_SPACE[0])  # wgmma: fp16 X
+    with pytest.raises(UnfitError):
+        cm.build(_w(256, 512), 256, target=ck.cuda_target("sm_90"), **cm.SCHEDULE_SPACE[0])  # needs sm_90a
+    assert cm.build(_w(256, 512), 256, target=cm.hopper_target(), **cm.SCHEDULE_SPACE[0]).schedule["wg"]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
