@@ -31,10 +31,14 @@ previous one returned (the peak RSS of each is reported):
    pass records in the model for the compile; writes the thresholded portable model.
 3. ``compile_act`` / ``compile_dense``: `codegen.llvm_compile.compile_llvm` (batch 1) of the
    thresholded portable model and of the dense export, each with a fresh tuning database.
-4. ``time``: compiled act-sparse vs compiled dense vs onnxruntime on the dense export, one
-   round each in turn (interleaved), `--rounds` rounds of `--repeat` calls, median per
-   runtime; before that the compiled act-sparse logits and present caches are checked
-   against onnxruntime on the thresholded portable model (max |error| <= 1e-3 x max |ref|).
+   ``compile_forced``: the thresholded model again with every fused-vs-dense decision of
+   ``compile_act`` turned to fused and the never-slower check bypassed: what the fused
+   kernels do inside the model, whatever the guards decided (a diagnostic, not a product).
+4. ``time``: compiled act-sparse (as shipped, and forced) vs compiled dense vs onnxruntime
+   on the dense export, one round each in turn (interleaved), `--rounds` rounds of
+   `--repeat` calls, median per runtime; before that both compiled act-sparse models'
+   logits and present caches are checked against onnxruntime on the thresholded portable
+   model (max |error| <= 1e-3 x max |ref|).
 
     python benchmarks/act_llama_decoder.py                   # 1 layer (~3 min)
     python benchmarks/act_llama_decoder.py --layers 1 --hidden 256 --intermediate 688 \\
@@ -231,8 +235,17 @@ def stage_compile(a: argparse.Namespace, tmp: Path, which: str) -> dict[str, Any
         dispatched.update({tag: v["compiled"] for tag, v in args[4].items()})
         return ship_faster(*args, **kw)
 
-    llvm_compile.ship_faster = keep_dispatched
-    src = tmp / "act" / "portable.onnx" if which == "act" else tmp / "dense.onnx"
+    def ship_dispatched(build, chosen, baseline, feeds, timing, built, timer):
+        return built, frozenset()  # "forced": ship the build with the fused kernels, whatever its time
+
+    llvm_compile.ship_faster = ship_dispatched if which == "forced" else keep_dispatched
+    if which == "forced":  # the thresholded model's decisions, every fused-vs-dense one turned to fused
+        db = json.loads((tmp / "tuning_act.json").read_text())
+        for rec in db.values():
+            if isinstance(rec, dict) and rec.get("technique") == "activation_sparsity":
+                rec["chosen"] = "fused"
+        (tmp / "tuning_forced.json").write_text(json.dumps(db))
+    src = tmp / "dense.onnx" if which == "dense" else tmp / "act" / "portable.onnx"
     t0 = time.perf_counter()
     man = llvm_compile.compile_llvm(
         src, tmp / f"compiled_{which}", batch_sizes=[1], db_path=tmp / f"tuning_{which}.json"
@@ -251,8 +264,8 @@ def stage_compile(a: argparse.Namespace, tmp: Path, which: str) -> dict[str, Any
 
 
 def stage_time(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Check the compiled act-sparse model against onnxruntime on the thresholded model,
-    then time the three runtimes interleaved."""
+    """Check both compiled act-sparse models against onnxruntime on the thresholded model,
+    then time the four runtimes interleaved."""
     from sparsegraph.runtime import Session
     from sparsegraph.validate import session
 
@@ -262,18 +275,20 @@ def stage_time(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ref = dict(zip(names, ref_sess.run(names, feeds), strict=True))
     del ref_sess
     gc.collect()
-    act = Session(tmp / "compiled_act")
-    got = dict(zip(names, act.run(names, feeds), strict=True))
-    errors = {
-        k: float(np.abs(got[k] - ref[k]).max() / max(float(np.abs(ref[k]).max()), 1e-30)) for k in names
-    }
-    log(f"compiled act vs onnxruntime thresholded: max rel error {max(errors.values()):.1e}")
     runtimes = {
-        "compiled_act": act,
-        "compiled_dense": Session(tmp / "compiled_dense"),
-        "onnxruntime_dense": session(tmp / "dense.onnx"),
+        "compiled_act": Session(tmp / "compiled_act"),
+        "compiled_act_fused_forced": Session(tmp / "compiled_forced"),
     }
-    log("three runtimes loaded")
+    errors = {}
+    for name, sess in runtimes.items():
+        got = dict(zip(names, sess.run(names, feeds), strict=True))
+        errors[name] = max(
+            float(np.abs(got[k] - ref[k]).max() / max(float(np.abs(ref[k]).max()), 1e-30)) for k in names
+        )
+        log(f"{name} vs onnxruntime on the thresholded model: max rel error {errors[name]:.1e}")
+    runtimes["compiled_dense"] = Session(tmp / "compiled_dense")
+    runtimes["onnxruntime_dense"] = session(tmp / "dense.onnx")
+    log("four runtimes loaded")
     times: dict[str, list[float]] = {k: [] for k in runtimes}
     for sess in runtimes.values():  # warm-up
         sess.run(None, feeds)
@@ -291,18 +306,19 @@ def stage_time(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             k: [float(np.percentile(v, 25) * 1e3), float(np.percentile(v, 75) * 1e3)]
             for k, v in times.items()
         },
-        "fallbacks": act.fallbacks,
+        "fallbacks": sum(runtimes[k].fallbacks for k in ("compiled_act", "compiled_act_fused_forced")),
         "max_rel_error": errors,
         "within_tolerance": max(errors.values()) <= TOLERANCE,
     }
 
 
-STAGES = ("export", "sparsify", "compile_act", "compile_dense", "time")
+STAGES = ("export", "sparsify", "compile_act", "compile_forced", "compile_dense", "time")
 #: peak RSS of a step / bytes of the model's weights, measured here (1 layer, 0.84 GB: export
 #: 1.3 GB, pass 3.6, compile thresholded 11.1 with fused kernels, compile dense 9.5 (2 layers:
 #: 18.6), time 3.0); the runner waits for that much available memory before a step, and
 #: stops rather than push a shared machine into the OOM killer
-MEMORY_FACTOR = {"export": 2.5, "sparsify": 5.0, "compile_act": 13.5, "compile_dense": 11.5, "time": 4.0}
+MEMORY_FACTOR = {"export": 2.5, "sparsify": 5.0, "time": 5.0}
+MEMORY_FACTOR |= {"compile_act": 13.5, "compile_forced": 13.5, "compile_dense": 11.5}
 
 
 def _available_gb() -> float:
@@ -345,9 +361,11 @@ def markdown(r: dict[str, Any]) -> str:
     act, dense = r["compile_act"], r["compile_dense"]
     fused = act["fused"]
     shipped = act["timing_seconds"]["b1_s1"].get("shipped", "dispatched")
-    n_fused = sum(f["chosen"] == "fused" for f in fused) if shipped != "dense" else 0
+    n_chosen = sum(f["chosen"] == "fused" for f in fused)
+    n_fused = n_chosen if shipped != "dense" else 0
+    forced = t.get("compiled_act_fused_forced")
     sp = r["sparsify"]["weighted"]
-    err = max(r["time"]["max_rel_error"].values())
+    errs = r["time"]["max_rel_error"]
     ls = "s" if c["layers"] > 1 else ""
     lines = [
         f"# Llama decoder ({c['layers']} layer{ls} at 7B dims, transformers `LlamaConfig`), "
@@ -387,18 +405,28 @@ def markdown(r: dict[str, Any]) -> str:
         f"**{t['onnxruntime_dense'] / t['compiled_act']:.2f}x** onnxruntime on the dense model. "
         f"{n_fused} of {len(fused)} thresholded linear ops run a fused kernel"
         + (
-            f" (the dispatch chose {sum(f['chosen'] == 'fused' for f in fused)}, but the compile's "
-            "never-slower check timed that build slower than the same model with dense kernels and "
-            "shipped the latter)"
-            if shipped == "dense"
+            f" (the dispatch chose {n_chosen}, but the compile's never-slower check timed that build "
+            "slower than the same model with dense kernels and shipped the latter)"
+            if shipped == "dense" and n_chosen
             else ""
         )
-        + " (a weight stays dense when its fused kernel is slower than dense at the calibrated sparsity, "
-        "or more than 1/0.97 slower with every channel active)."
-        " Compiled act-sparse vs onnxruntime on the thresholded model: max relative "
-        f"error {err:.1e} over the logits and present caches (tolerance {TOLERANCE:.0e}: "
-        f"{'met' if r['time']['within_tolerance'] else 'MISSED'}); onnxruntime fallbacks "
-        f"{r['time']['fallbacks']}.",
+        + "; a weight stays dense when its fused kernel is slower than dense at the calibrated sparsity, "
+        "or more than 1/0.97 slower with every channel active (the guard against inputs denser than the "
+        "calibration data)."
+        + (
+            f" With every thresholded weight forced onto its fused kernel (`compiled_act_fused_forced`: "
+            "the same decisions turned to fused, the never-slower check bypassed; "
+            f"{sum(f['chosen'] == 'fused' for f in r['compile_forced']['fused'])} of "
+            f"{len(r['compile_forced']['fused'])} fused): "
+            f"**{t['compiled_dense'] / forced:.2f}x** the dense compiled model, "
+            f"**{t['onnxruntime_dense'] / forced:.2f}x** onnxruntime."
+            if forced
+            else ""
+        )
+        + " Max relative error vs onnxruntime on the thresholded model over the logits and present caches: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        + f" (tolerance {TOLERANCE:.0e}: {'met' if r['time']['within_tolerance'] else 'MISSED'}); "
+        f"onnxruntime fallbacks {r['time']['fallbacks']}.",
         "",
         "Compile-time measurements (the compile's own, per bucket): "
         + "; ".join(
