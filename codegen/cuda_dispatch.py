@@ -2,7 +2,8 @@
 
 The dense alternative is the model's own matmul left in the Relax module, which the CUDA
 build schedules with dlight (`relax_build.compile_cuda_module`) in the model's dtype. The
-candidates are `cuda_kernels.candidates(w, m)` (sparse formats, W packed in fp16).
+candidates are `cuda_kernels.candidates(w, m)` (sparse formats and our dense kernels, W
+packed in fp16), each with its first `SCHEDULES_TRIED` schedules when measured.
 
 * A CUDA GPU is visible (``tvm.cuda().exist``): every candidate and the dense matmul are
   compiled for the target and timed on the GPU with CUDA events (TVM's time evaluator),
@@ -32,6 +33,8 @@ BYTES_RATIO = 0.8
 #: bytes per second the bytes model assumes (a 256 MB read on the H100 streams at 2.74 TB/s)
 MODEL_BANDWIDTH = 2.74e12
 DENSE = "dense"  # the model's matmul, scheduled by dlight
+#: schedules timed per candidate format (the first of `cuda_kernels.schedules`)
+SCHEDULES_TRIED = 2
 
 
 @dataclass
@@ -70,6 +73,13 @@ def _kernels():
     except ImportError:
         return None
     return cuda_kernels if hasattr(cuda_kernels, "candidates") and hasattr(cuda_kernels, "build") else None
+
+
+def _x_dtype(fmt: str) -> str:
+    """X's dtype in a kernel of `fmt`: the model's float32, except the tensor-core GEMM, which
+    takes fp16 X (its wgmma schedules need it; the compiled graph casts X to fp16 and Y back,
+    see `relax_build`)."""
+    return "float16" if fmt == "mma" else "float32"
 
 
 def _label(fmt: str, params: dict[str, Any]) -> str:
@@ -115,14 +125,18 @@ class CUDADispatcher:
                 d = GPUDecision(**{**stored["decision"], "from_db": True})
                 if not stored["kernel"]:
                     return None, d
-                return ck.build(d.format, w, m, self.target, **stored["params"]), d
+                return ck.build(d.format, w, m, self.target, _x_dtype(d.format), **stored["params"]), d
         cands = [(f, p) for f, p in ck.candidates(w, m) if self.measure or f != DENSE]
         if not self.measure:  # unmeasured, dense means the model's own matmul
             return self._by_bytes(ck, w, m, cands, fp16_dense, dense_nbytes)
         built = []
+        n, k = w.shape
         for fmt, params in cands:
             try:
-                built.append((fmt, params, ck.build(fmt, w, m, self.target, **params)))
+                packed = ck.pack(fmt, w, **params)
+                for sched in ck.schedules(fmt, m, n, k, self.target)[:SCHEDULES_TRIED]:
+                    kernel = ck.build(fmt, packed, m, self.target, _x_dtype(fmt), **params, **sched)
+                    built.append((fmt, {**params, **sched}, kernel))
             except UnfitError:
                 continue
         timer = self._timer or GPUTimer(self.target)

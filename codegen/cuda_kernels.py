@@ -10,19 +10,22 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   vector every 8 columns against bank conflicts). When
   ``K * M * 2`` bytes would not fit (``SMEM_LIMIT``), M is cut into groups of MG rows and
   a second grid dimension runs the groups (W is then read once per group).
-* ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): one warp per output row (``rpw`` rows per
-  warp, strided over the grid), ``wpb`` warps per block. A lane takes chunks of 8 stored
-  entries of its row (lane, lane + 32, ...): one 16-byte load of 8 fp16 values, their 8
+* ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): ``lpr`` lanes per output row (a warp per
+  row, or 2 / 4 rows side by side per warp for short rows; ``rpw`` rows per warp, strided
+  over the grid), ``wpb`` warps per block. A lane takes chunks of 8 stored entries of its
+  row (lane, lane + lpr, ...): one 16-byte load of 8 fp16 values, their 8
   columns decoded from the format's index -- ``csr``: 8 uint16 columns (16-byte load);
   ``dcsr`` (`formats.DeltaCSR`): a uint16 base plus 8 4-bit steps (2 + 4 bytes); ``nm``
   (n:4, `formats.NM`): the group from the position in the row plus 8 2-bit positions
   (2 bytes) -- then 8 x M FMAs with X from shared memory. ``unroll`` chunks are loaded
-  before the first FMA. Partial sums are reduced with warp shuffles; lane 0 writes.
+  before the first FMA. Partial sums are reduced with (segmented) warp shuffles; the
+  row's first lane writes.
 * ``bsr`` (`formats.BSR` with blocks r x c, c % 8 == 0, r | 32): one warp per block row,
   ``32 / r`` lanes per row of the block, each taking 8 contiguous values of a block (one
   16-byte load; a warp reads whole blocks contiguously) and the matching 8 columns of X.
-* ``dense``: TVM's own GEMV / low-batch GEMV / matmul schedules (dlight) on fp16 W, the
-  baseline the sparse kernels are dispatched against.
+* ``dense``: our row kernel on fp16 W (M <= 16), the tensor-core GEMM of `cuda_mma`
+  (``mma``, M >= `MMA_MIN_M`) and TVM's own GEMV / matmul schedules (``dlight``): the
+  dense kernels the sparse ones are dispatched against.
 
 Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75; 2:4 nm 1.125
 per dense entry; bsr 2 per block entry. Decode at M = 1 is bound by these bytes (the
@@ -42,7 +45,17 @@ from tvm.script import tirx as T
 
 from sparsegraph.codegen import formats as fmts
 
-__all__ = ["SCHEDULE_SPACE", "CUDAKernel", "Packed", "build", "candidates", "cuda_target", "pack"]
+__all__ = [
+    "SCHEDULE_SPACE",
+    "CUDAKernel",
+    "Packed",
+    "build",
+    "candidates",
+    "cuda_target",
+    "pack",
+    "schedules",
+    "sparse_formats",
+]
 
 WARP = 32
 SMEM_LIMIT = 200 * 1024  # bytes of shared memory a kernel stages X into (H100: 227 KB per block)
@@ -52,18 +65,46 @@ _SYMBOLS = itertools.count()
 
 #: schedules tried per format (first = default); rpw 0 = one persistent wave of blocks
 _ROW_SCHEDULES = [
-    {"wpb": 8, "rpw": 0, "unroll": 2},
-    {"wpb": 32, "rpw": 0, "unroll": 2},
-    {"wpb": 16, "rpw": 0, "unroll": 4},
-    {"wpb": 8, "rpw": 1, "unroll": 2},
+    {"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 32},
+    {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32},
+    {"wpb": 16, "rpw": 0, "unroll": 4, "lpr": 32},
+    {"wpb": 8, "rpw": 1, "unroll": 2, "lpr": 32},
+]
+#: sparse rows can be short (K = 4096 at 90 %: 13 chunks of 8 entries): 16 or 8 lanes per
+#: row too (measured on an H100 at M = 1: lpr 32 best on 8192->28672, 16 on 11008->4096)
+_SHORT_ROW_SCHEDULES = [
+    {"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 32},
+    {"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 16},
+    {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32},
+    {"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 8},
+    {"wpb": 16, "rpw": 0, "unroll": 4, "lpr": 32},
 ]
 SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
-    **{f: _ROW_SCHEDULES for f in ("dense", "csr", "dcsr", "nm", "bsr")},
+    **{f: _ROW_SCHEDULES for f in ("dense", "bsr")},
+    **{f: _SHORT_ROW_SCHEDULES for f in ("csr", "dcsr", "nm")},
     "dlight": [{}],
+    "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
 }
+#: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
+MMA_MIN_M = 4
 
 
-def cuda_target(arch: str = "sm_90") -> tvm.target.Target:
+def schedules(fmt: str, m: int, n: int, k: int, target: Any = None) -> list[dict[str, int]]:
+    """The schedules dispatch may time for `fmt` at (M, N, K), the default first (for
+    ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`)."""
+    if fmt == "mma":
+        from . import cuda_mma
+
+        return cuda_mma.schedules(m, n, k, "float16", wgmma=is_hopper(target or cuda_target()))
+    return SCHEDULE_SPACE[fmt]
+
+
+def is_hopper(target: Any) -> bool:
+    """True for an sm_90a target (wgmma and the other Hopper-only instructions)."""
+    return str(target.attrs.get("arch", "")) == "sm_90a"
+
+
+def cuda_target(arch: str = "sm_90a") -> tvm.target.Target:
     """A CUDA target whose shared-memory limit admits the kernels' staging buffers."""
     return tvm.target.Target(
         {
@@ -180,20 +221,27 @@ def _grid(units: int, wpb: int, rpw: int, smem: int, sms: int) -> tuple[int, int
     return blocks, -(-units // (blocks * wpb))
 
 
-def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=2, block=(1, 8), NB=0):
-    """The kernel of every format (see the module docstring): one warp per output row.
+def _row_func(
+    fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, lpr=32, nm_n=2, block=(1, 8), NB=0
+):
+    """The kernel of every format (see the module docstring): `lpr` lanes per output row
+    (32: a warp per row; 8 or 16: a warp runs 4 or 2 rows side by side, for short rows).
 
     A row's stored entries are chunks of 8 (`S` entries in all); chunk q of a row holds
     values ``vals[value_index(q) : +8]`` at columns ``column(q, v)``, v = 0..7.
     """
     MG, NG = _m_group(M, K)
     NT = wpb * WARP
-    NBLK, RPW = _grid(N, wpb, rpw, _xs_size(K, MG) * 2, sms)
+    if fmt == "bsr" and lpr != WARP:
+        raise fmts.UnfitError("the bsr kernel runs a warp per block row (lpr = 32)")
+    RPL = WARP // lpr  # rows a warp runs side by side
+    NBLK, RPW = _grid(-(-N // RPL), wpb, rpw, _xs_size(K, MG) * 2, sms)
     TW = NBLK * wpb
     r, c = block
     CPB = c // 8  # bsr: chunks per block
     CPR = K // 4 * nm_n // 8 if fmt == "nm" else K // 8  # nm / dense: chunks per row
     CONTIG = fmt in ("bsr", "dense")  # a chunk's 8 columns are consecutive
+    LOG_LPR = lpr.bit_length() - 1
     XV = min(MG, 8)
     stage = _stage_x_macro(M, K, MG, NT)
 
@@ -253,9 +301,10 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
                         acc = T.decl_buffer((MG,), "float32", scope="local")
                         stage(x, xs, by, ty, tx)
                         for rr in range(RPW):
-                            row = T.meta_var(bx * wpb + ty + rr * TW)
+                            row = T.meta_var((bx * wpb + ty + rr * TW) * RPL + tx // lpr)
+                            lane = T.meta_var(tx % lpr)
                             if row < N:
-                                mine = T.meta_var((chunks(ptr, row) - tx + WARP - 1) // WARP)
+                                mine = T.meta_var((chunks(ptr, row) - lane + lpr - 1) // lpr)
                                 for i in T.unroll(MG):
                                     acc[i] = T.float32(0)
                                 for j in range((mine + unr - 1) // unr):
@@ -263,10 +312,10 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
                                         if j * unr + u < mine:
                                             for v in T.vectorized(8):
                                                 vb[u * 8 + v] = vals[
-                                                    value_index(ptr, row, tx + (j * unr + u) * WARP) + v
+                                                    value_index(ptr, row, lane + (j * unr + u) * lpr) + v
                                                 ]
                                     for u in T.unroll(unr):
-                                        q = T.meta_var(tx + (j * unr + u) * WARP)
+                                        q = T.meta_var(lane + (j * unr + u) * lpr)
                                         if j * unr + u < mine:
                                             if CONTIG and MG == 1:
                                                 for v in T.vectorized(8):
@@ -293,11 +342,15 @@ def _row_func(fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, nm_n=
                                                                 "float32", vb[u * 8 + v]
                                                             ) * T.Cast("float32", xv[i])
                                 for i in T.unroll(MG):
-                                    for s in T.unroll(5):
+                                    for s in T.unroll(LOG_LPR):
                                         acc[i] = acc[i] + T.tvm_warp_shuffle_down(
-                                            T.tvm_warp_activemask(), acc[i], T.shift_right(16, s), WARP, WARP
+                                            T.tvm_warp_activemask(),
+                                            acc[i],
+                                            T.shift_right(lpr // 2, s),
+                                            lpr,
+                                            WARP,
                                         )
-                                if tx == 0:
+                                if lane == 0:
                                     for i in T.unroll(MG):
                                         if by * MG + i < M:
                                             y[by * MG + i, row] = T.Cast(xdtype, acc[i])
@@ -411,7 +464,7 @@ def pack(fmt: str, w: Any, **params: Any) -> Packed:
     n, k = a16.shape
     if fmt not in SCHEDULE_SPACE:
         raise fmts.UnfitError(f"no CUDA kernel for format {fmt!r}")
-    if fmt == "dlight":
+    if fmt in ("dlight", "mma"):
         return Packed(fmt, (n, k), {"w": np.ascontiguousarray(a16)}, {})
     if k % 8:
         raise fmts.UnfitError(f"CUDA row kernels need K % 8 == 0; K = {k}")
@@ -469,20 +522,35 @@ def build(
     """The `fmt` kernel for weight `w` (dense ``W[N, K]`` or a `Packed` of that format) at M = m.
 
     `params`: packing parameters (see `pack`), ``sms`` (multiprocessors, default 132) and
-    schedule keys (``wpb``, ``rpw``, ``unroll``; defaults from `SCHEDULE_SPACE`).
+    schedule keys (``wpb``, ``rpw``, ``unroll``, ``lpr``; defaults from `SCHEDULE_SPACE`).
     Raises `formats.UnfitError` when the format or the kernel cannot hold this weight / M.
     """
     target = target or cuda_target()
     packed = w if isinstance(w, Packed) else pack(fmt, w, **params)
     n, k = packed.shape
-    sched = {**SCHEDULE_SPACE[fmt][0], **{s: params[s] for s in ("wpb", "rpw", "unroll") if s in params}}
+    if fmt == "mma":
+        from . import cuda_mma
+
+        return cuda_mma.build(packed.weights["w"], m, target, x_dtype, **params)
+    sched = {
+        **SCHEDULE_SPACE[fmt][0],
+        **{s: params[s] for s in ("wpb", "rpw", "unroll", "lpr") if s in params},
+    }
+    if sched.get("lpr", WARP) not in (8, 16, WARP):
+        raise fmts.UnfitError(f"lanes per row must be 8, 16 or 32; got {sched['lpr']}")
     if fmt == "dlight":
         prim = _dense_mod(m, n, k, x_dtype, target)
     else:
         if not 1 <= m <= MAX_M:
             raise fmts.UnfitError(f"sparse CUDA kernels are for decode, M = 1..{MAX_M}; got M = {m}")
         meta = packed.meta
-        knobs = (sched["wpb"], sched["rpw"], sched["unroll"], int(params.get("sms", 132)))
+        knobs = (
+            sched["wpb"],
+            sched["rpw"],
+            sched["unroll"],
+            int(params.get("sms", 132)),
+            sched.get("lpr", WARP),
+        )
         extra = {key: meta[key] for key in ("nm_n", "block", "NB") if key in meta}
         prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra)
         sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
@@ -492,17 +560,28 @@ def build(
     )
 
 
-def candidates(w: np.ndarray, m: int) -> list[tuple[str, dict[str, Any]]]:
-    """(format, params) of the kernels that can run ``w[N, K]`` at M = m: dense (ours at
-    M <= 16, then TVM's dlight) and the sparse formats whose pattern W fits."""
+def candidates(
+    w: np.ndarray, m: int, sparse: list[tuple[str, dict[str, Any]]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(format, params) of the kernels that can run ``w[N, K]`` at M = m: dense (our row
+    kernel at M <= 16, our tensor-core kernel `cuda_mma` at M >= `MMA_MIN_M` where its
+    tiles fit, TVM's dlight) and, at M <= 16, the sparse formats whose pattern W fits
+    (`sparse_formats`; pass them as `sparse` to reuse them across M)."""
+    n, k = w.shape
+    mma = [("mma", {})] if m >= MMA_MIN_M and schedules("mma", m, n, k) else []
     if not 1 <= m <= MAX_M:
-        return [("dlight", {})]
-    found: list[tuple[str, dict[str, Any]]] = [("dense", {}), ("dlight", {})]
+        return [*mma, ("dlight", {})]
+    return [("dense", {}), *mma, ("dlight", {}), *(sparse_formats(w) if sparse is None else sparse)]
+
+
+def sparse_formats(w: np.ndarray) -> list[tuple[str, dict[str, Any]]]:
+    """(format, params) of the sparse kernels whose pattern ``w[N, K]`` fits (none when
+    more than 70 % of W is nonzero)."""
     n, k = w.shape
     nz = w != 0
     if nz.mean() > 0.7:
-        return found
-    found += [("dcsr", {}), ("csr", {})]
+        return []
+    found: list[tuple[str, dict[str, Any]]] = [("dcsr", {}), ("csr", {})]
     if k % 32 == 0:
         for nn in (1, 2):
             if (nz.reshape(n, -1, 4).sum(axis=2) <= nn).all():

@@ -95,10 +95,15 @@ class _SwapLinear(relax.PyExprMutator):
         if symbol not in self._gvars:
             self._gvars[symbol] = self.builder_.add_func(kernel.prim_func, symbol)
         x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(x_shape) != 2 else x
+        xd = getattr(kernel, "x_dtype", "float32")  # a kernel taking fp16 X: cast X, and Y back
+        if xd != "float32":
+            x2d = self.builder_.emit(relax.op.astype(x2d, xd))
         consts = [relax.const(np.ascontiguousarray(a)) for a in kernel.weights.values()]
         y = self.builder_.emit(
-            relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], "float32"))
+            relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], xd))
         )
+        if xd != "float32":
+            y = self.builder_.emit(relax.op.astype(y, "float32"))
         self.replaced.append((key, m, kernel.format))
         return relax.op.reshape(y, [*x_shape[:-1], n]) if len(x_shape) != 2 else y
 

@@ -174,8 +174,9 @@ def resolve_target(text: str) -> Any:
     """The `tvm.target.Target` a ``--target`` string names.
 
     ``llvm`` is this CPU (`codegen.target.host_target`). ``cuda`` is the visible GPU's
-    architecture (``sm_XY`` from ``tvm.cuda().compute_version``), or ``sm_90`` (H100) when
-    no GPU is visible, since CUDA code compiles without one. Anything else goes to
+    architecture (``sm_XY`` from ``tvm.cuda().compute_version``; ``sm_90a`` on Hopper, whose
+    tensor-core kernels use wgmma), or ``sm_90a`` (H100) when no GPU is visible, since CUDA
+    code compiles without one. Anything else goes to
     ``tvm.target.Target``: a tag (``nvidia/nvidia-h100``), a kind, a JSON dict
     (``{"kind": "cuda", "arch": "sm_80"}``), or the older ``kind -key=value`` form, which
     is turned into a dict. CUDA targets get a generic ``llvm`` host, so the host code runs
@@ -200,6 +201,8 @@ def resolve_target(text: str) -> Any:
             arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
         else:
             arch = "sm_90"
+        if arch == "sm_90":  # Hopper: its arch-specific instructions (wgmma) too
+            arch = "sm_90a"
         spec: Any = {"kind": "cuda", "arch": arch}
     elif text.startswith("{"):
         try:

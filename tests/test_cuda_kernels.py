@@ -64,7 +64,9 @@ def test_kernels_build_with_vector_loads(fmt, params, kind, sparsity):
 def test_candidates_and_unfit():
     dense = pruned(64, 256, 0.0, 1)
     assert [f for f, _ in ck.candidates(dense, 1)] == ["dense", "dlight"]
-    assert [f for f, _ in ck.candidates(dense, 64)] == ["dlight"]
+    assert [f for f, _ in ck.candidates(dense, 4)] == ["dense", "mma", "dlight"]
+    assert [f for f, _ in ck.candidates(dense, 64)] == ["mma", "dlight"]
+    assert [f for f, _ in ck.candidates(pruned(40, 256, 0.0, 1), 64)] == ["dlight"]  # no mma tile fits N
     sparse = pruned(64, 256, 0.7, 1)
     assert {"dcsr", "csr"} <= {f for f, _ in ck.candidates(sparse, 4)}
     assert ("nm", {"n": 2}) in ck.candidates(pruned(64, 256, 0.5, 1, "nm"), 1)
