@@ -506,7 +506,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--past", type=int, default=127, help="KV-cache length of the decode step")
     p.add_argument("--prompts", type=int, default=4, help="random prompts whose caches the steps use")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
