@@ -147,6 +147,8 @@ def run(args) -> dict:
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES[:2] if args.quick else SHAPES
     ms = [1, 16] if args.quick else MS
     patterns = PATTERNS[:4] + PATTERNS[4:6] if args.quick else PATTERNS
+    if args.patterns:
+        patterns = [PATTERNS[i] for i in args.patterns]
     rows = []
     dense_times: dict = {}
     for k, n in shapes:
@@ -285,8 +287,10 @@ def markdown(result: dict) -> str:
         "",
         f"{result['device']}, torch {result['torch']}, TVM {result['tvm']}; fp16, L2 flushed before every "
         f"call, CUDA events, median. Ratios are cuBLAS time / kernel time (> 1: faster than cuBLAS). "
-        f"BW = compressed bytes moved / time, as % of a 256 MB read ({peak / 1e12:.2f} TB/s). "
+        f"BW = compressed bytes moved / time, as % of {result.get('peak_note', 'a 256 MB read')} "
+        f"({peak / 1e12:.2f} TB/s). "
         "bound = dense bytes / the dispatched kernel's bytes.",
+        *(["", result["note"]] if result.get("note") else []),
         "",
         "| K->N | pattern | M | cuBLAS us | dispatch | x cuBLAS | bound | BW % | each format (x cuBLAS) "
         "| torch sparse (x cuBLAS) |",
@@ -413,6 +417,7 @@ def main() -> None:
     p.add_argument("--schedules", type=int, default=2, help="schedules tried per format")
     p.add_argument("--mma-schedules", type=int, default=4, help="schedules tried for the tensor-core kernel")
     p.add_argument("--shapes", type=lambda v: [int(i) for i in v.split(",")], help="indices into SHAPES")
+    p.add_argument("--patterns", type=lambda v: [int(i) for i in v.split(",")], help="indices into PATTERNS")
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="merge JSON results of partial runs, then write")
@@ -423,10 +428,15 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
         result = {
-            **parts[0],
+            **{k: v for q in parts for k, v in q.items()},  # the partial files carry rows only
             "rows": [r for q in parts for r in q["rows"]],
-            "fused": [f for q in parts for f in q["fused"]],
+            "fused": [f for q in parts for f in q.get("fused", [])],
         }
+        if "peak_read_Bps" not in result:  # best dense weight read of these runs (cuBLAS, M = 1)
+            result["peak_read_Bps"] = max(
+                r["dense_bytes"] / r["cublas_s"] for r in result["rows"] if r["M"] == 1
+            )
+            result["peak_note"] = "the fastest cuBLAS M = 1 read of a dense weight in these runs"
         write(result, args.out)
     else:
         write(run(args), args.out)

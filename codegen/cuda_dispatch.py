@@ -233,13 +233,12 @@ class GPUTimer:
     def kernel(self, kernel: Any, m: int, k: int) -> float:
         import tvm
 
-        func = kernel.prim_func
-        y = func.buffer_map[func.params[-1]]
-        x = self._rng.standard_normal((m, k)).astype(str(y.dtype))
+        n = kernel.shape[1]  # a `cuda_kernels.CUDAKernel`: (X, *weights, Y), Y in X's dtype
+        x = self._rng.standard_normal((m, k)).astype(kernel.x_dtype)
         args = [tvm.runtime.tensor(x, self.dev)]
         args += [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in kernel.weights.values()]
-        args.append(tvm.runtime.empty([int(d) for d in y.shape], str(y.dtype), self.dev))
-        return self._time(func, kernel.symbol, args)
+        args.append(tvm.runtime.empty((m, n), kernel.x_dtype, self.dev))
+        return self._time(kernel.prim_func, kernel.symbol, args)
 
     def dense(self, w: np.ndarray, m: int) -> float:
         """The dense matmul as the model runs it: `X[m, K] @ W_onnx[K, N]` in W's dtype, dlight-scheduled."""
