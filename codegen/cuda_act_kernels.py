@@ -237,7 +237,7 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
     against the dense matmul the model would run otherwise -- the best of dlight on the
     model's float32 W and our fp16 dense row kernel (`cuda_kernels`). Measured on the GPU
     (L2 flushed, `cuda_dispatch.GPUTimer`) when one is visible, at the model's calibrated
-    activation sparsity (else `ASSUMED_SPARSITY`) and with every channel active; without a
+    activation sparsity (else `ASSUMED_SPARSITY`) and at `GUARD_FRACTION` of it; without a
     GPU a bytes model decides (fp16 W bytes of the union of active channels over the M
     rows, plus `MODEL_FIXED_SECONDS`), and the record says ``measured: false``. Decisions
     go to ``ctx.db`` under keys that say whether they were measured."""
@@ -272,9 +272,11 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
     rng = np.random.default_rng(0)
     sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
     x_all = (sign * (np.abs(th32) + 1.0)).astype(np.float32)  # every channel active
-    x_s = np.where(rng.random((m, k)) < s, 0.0, x_all).astype(np.float32)
+    drop = rng.random((m, k))
+    x_s = np.where(drop < s, 0.0, x_all).astype(np.float32)
+    x_g = np.where(drop < s * ak.GUARD_FRACTION, 0.0, x_all).astype(np.float32)  # the guard's input
     if np.all(th32 < 0):
-        x_s = x_all
+        x_s = x_g = x_all
     wsp = float(1 - np.count_nonzero(w) / w.size)
     if measured:
         import tvm
@@ -292,19 +294,15 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
             args.append(tvm.runtime.empty((m, n), "float32", timer.dev))
             return timer._time(kern.prim_func, kern.symbol, args)
 
-        fused = {"act_cuda": (run(x_s), run(x_all))}
+        fused = {"act_cuda": (run(x_s), run(x_g))}
     else:
         dense_bytes = k * n * 2
-        union = float((x_s != 0).any(axis=0).mean())
         dense_s = {"dense_fp16": dense_bytes / MODEL_BANDWIDTH}
-        # all channels active, the fused kernel streams what dense streams (its fixed cost
-        # overlaps the stream); skipping channels saves their bytes but not the fixed cost
-        fused = {
-            "act_cuda": (
-                union * dense_bytes / MODEL_BANDWIDTH + MODEL_FIXED_SECONDS,
-                dense_bytes / MODEL_BANDWIDTH,
-            )
-        }
+
+        def model(x: np.ndarray) -> float:  # bytes of the active channels + the fixed cost
+            return float((x != 0).any(axis=0).mean()) * dense_bytes / MODEL_BANDWIDTH + MODEL_FIXED_SECONDS
+
+        fused = {"act_cuda": (model(x_s), model(x_g))}
     kern_rec = ak._record(ctx, key, cache, chosen, kind, k, n, m, wsp, dense_s, fused, (cal, s))
     kern_rec[1]["measured"] = measured
     return kern_rec

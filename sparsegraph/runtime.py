@@ -46,6 +46,10 @@ class Session:
 
         self._tvm = tvm
         self.device = self._device(folder, device)
+        if self.device.dlpack_device_type() == 1:  # CPU: TVM's pool on every core (see use_all_cores)
+            from sparsegraph.codegen.cpu_kernels import use_all_cores
+
+            use_all_cores()
         try:
             module = tvm.runtime.load_module(str(folder / MODULE))
         except Exception as exc:  # e.g. a CUDA module where TVM has no CUDA runtime

@@ -172,7 +172,7 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
         db.put(key, {"technique": "activation_sparsity", "weight_shape": list(w.shape), "M": 1,
                      "threshold": "scalar", "kernel": "act_strips",
                      "weight_sparsity": 0.0, "assumed_activation_sparsity": 0.5, "calibrated_sparsity": None,
-                     "fused_us": 1.0, "fused_all_active_us": 2.0, "dense_kernel": "dense", "dense_us": 2.0,
+                     "fused_us": 1.0, "fused_guard_us": 2.0, "dense_kernel": "dense", "dense_us": 2.0,
                      "chosen": "fused"})  # fmt: skip
     db.save()
     man = compile_llvm(path, tmp_path / "out", batch_sizes=[1], db_path=db_path, tune_trials=1)
