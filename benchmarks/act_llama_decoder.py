@@ -92,7 +92,7 @@ def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import warnings
 
     import torch
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(2)
@@ -112,26 +112,7 @@ def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     log("HF model built")
     n, p = a.layers, a.past
 
-    class DecodeStep(torch.nn.Module):
-        """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), flat."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.model = m
-
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(n)], config=cfg)
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            )
-            flat = []
-            for layer in out.cache.layers:
-                flat += [layer.keys, layer.values]
-            return (out.logits, *flat)
+    from hf_decode_step import FlatKVStep
 
     gen = torch.Generator().manual_seed(a.seed)
     steps = []  # decode-step feeds over the caches of a few random prompts
@@ -161,7 +142,7 @@ def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            DecodeStep(model).eval(),
+            FlatKVStep(model).eval(),
             args,
             dynamo=True,
             opset_version=18,

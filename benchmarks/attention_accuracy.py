@@ -132,27 +132,7 @@ def hf_llama():
 def export_kv(model, path: Path) -> None:
     """torch.onnx (dynamo, opset 18) export with flat past/present key/value tensors."""
     import torch
-    from transformers import DynamicCache
-
-    class KVWrapper(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.model = m
-
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            n = self.model.config.num_hidden_layers
-            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(n)], config=self.model.config)
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            )
-            flat = []
-            for layer in out.cache.layers:
-                flat += [layer.keys, layer.values]
-            return (out.logits, *flat)
+    from hf_decode_step import FlatKVStep
 
     cfg = model.config
     n, kvh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -177,7 +157,7 @@ def export_kv(model, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            KVWrapper(model).eval(),
+            FlatKVStep(model).eval(),
             args,
             dynamo=True,
             opset_version=18,
