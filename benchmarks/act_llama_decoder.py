@@ -9,14 +9,13 @@ as one decode step with a KV cache: input_ids [1, 1], attention_mask [1, P+1], p
 [1, 1] and the past keys/values [1, 32, P, 128] per layer, all static (P = --past), so
 every linear op runs at M = 1.
 
-One layer by default, not three or two: the llvm compile peaks at about 11x the model's
-weight bytes (measured on the dense export: 9.5 GB for one 7B-dims layer, 18.6 GB for two;
-the loaded model, the dispatcher's weight copies, the ONNX proto, the copies made by
-`relax_build.specialise`, the Relax constants, the packed kernels, the lifted params), and
-more for the thresholded model when fused kernels are chosen (it then also builds the
-dense-kernel variant of the bucket for the never-slower check: 11.1 GB for one layer; with
-two layers it was killed for memory, exit 137, on this 24 GB machine shared with other
-jobs). Three layers (2.5 GB of fp32 weights) would need ~28 GB for the dense compile alone.
+One layer by default (two fit on a quiet 24 GB machine: ``--layers 2``, 18.6 GB peak; with
+other jobs running the thresholded 2-layer compile was once killed for memory): the llvm
+compile peaks at about 11-13x the model's weight bytes (the loaded model, the dispatcher's
+weight copies, the ONNX proto, the copies made by `relax_build.specialise`, the Relax
+constants, the packed kernels, the lifted params, and for the thresholded model the
+dense-kernel variant of the bucket for the never-slower check). Three layers (2.5 GB of fp32
+weights) would need ~28-33 GB.
 `--layers` takes more where memory allows; each step first waits for the memory it needs
 (`MEMORY_FACTOR`) and stops rather than start the OOM killer.
 
@@ -356,9 +355,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"(load average at the start {m['load']:.1f}: a shared machine, so the ratios are what counts).",
         "",
         f"{c['layers']} layer{ls}: the llvm compile peaks at 11-13x the weight "
-        "bytes (peaks below; 18.6 GB for the dense 2-layer model, and the thresholded 2-layer compile was "
-        "killed for memory on this 24 GB machine), so three 7B-dims layers (2.5 GB of fp32 weights) would "
-        "need ~28-33 GB.",
+        "bytes (peaks below), so three 7B-dims layers (2.5 GB of fp32 weights) would need ~28-33 GB, more "
+        "than this 24 GB machine has.",
         "",
         f"Model: `LlamaForCausalLM`, hidden {c['hidden']}, intermediate {c['intermediate']}, "
         f"{c['heads']} heads (MHA), {c['layers']} layer{ls}, vocab {c['vocab']} (reduced from 32000 to save "

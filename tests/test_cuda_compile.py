@@ -172,8 +172,6 @@ def test_gpu_sparse_kernels_inside_the_model_match_onnxruntime(pruned):
     """Every sparse kernel the bytes model picks, run inside the compiled model on the GPU
     (the shipping step of `compile_cuda` may prefer the dense build on a model this small)."""
     import onnx
-    import tvm
-    from tvm import relax
 
     from sparsegraph.codegen import relax_build
     from sparsegraph.codegen.llvm_compile import linear_weights
@@ -188,15 +186,7 @@ def test_gpu_sparse_kernels_inside_the_model_match_onnxruntime(pruned):
         onnx.load(str(pruned)), buckets, lambda key, m, tag: d.kernel(*weights[key], m), set(weights), target
     )
     assert len(swaps) >= 25 and all(fmt != "dense" for _, _, fmt in swaps)
-    dev = tvm.cuda(0)
-    tokens = np.random.default_rng(2).integers(0, 512, (2, 8)).astype(np.int64)
-    args = [tvm.runtime.tensor(tokens, dev)] + [
-        tvm.runtime.tensor(params[n], dev) for n in names["main_b2_s8"]
-    ]
-    got = relax.VirtualMachine(ex, dev)["main_b2_s8"](*args)
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = run(pruned, {"tokens": tokens})["logits"]
-    assert np.abs(got - ref).max() / np.abs(ref).max() < TOL_FP16_WEIGHTS
+    assert _gpu_logits_error(ex, params, names, pruned, "b2_s8", (2, 8), seed=2) < TOL_FP16_WEIGHTS
 
 
 @needs_gpu
@@ -296,8 +286,6 @@ def test_tensor_core_kernels_inside_the_model(pruned):
     casts X to fp16 and Y back) at M = 32 (prefill-like): the module compiles without a GPU
     and, on one, matches onnxruntime within the fp16-weight tolerance."""
     import onnx
-    import tvm
-    from tvm import relax
 
     from sparsegraph.codegen import cuda_kernels as ck
     from sparsegraph.codegen import relax_build
@@ -324,12 +312,21 @@ def test_tensor_core_kernels_inside_the_model(pruned):
     assert len(swaps) >= 10 and {fmt for _, _, fmt in swaps} == {"mma"}
     if not GPU:
         return
+    assert _gpu_logits_error(ex, params, names, pruned, "b4_s8", (4, 8), seed=3) < TOL_FP16_WEIGHTS
+
+
+def _gpu_logits_error(ex, params, names, model, tag, shape, seed) -> float:
+    """Max |logits - onnxruntime's| / max |onnxruntime's| of bucket `tag` of a built module
+    run on the GPU with random tokens of `shape`."""
+    import tvm
+    from tvm import relax
+
     dev = tvm.cuda(0)
-    tokens = np.random.default_rng(3).integers(0, 512, (4, 8)).astype(np.int64)
+    tokens = np.random.default_rng(seed).integers(0, 512, shape).astype(np.int64)
     args = [tvm.runtime.tensor(tokens, dev)] + [
-        tvm.runtime.tensor(params[n], dev) for n in names["main_b4_s8"]
+        tvm.runtime.tensor(params[n], dev) for n in names[f"main_{tag}"]
     ]
-    got = relax.VirtualMachine(ex, dev)["main_b4_s8"](*args)
+    got = relax.VirtualMachine(ex, dev)[f"main_{tag}"](*args)
     got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = run(pruned, {"tokens": tokens})["logits"]
-    assert np.abs(got - ref).max() / np.abs(ref).max() < TOL_FP16_WEIGHTS
+    ref = run(model, {"tokens": tokens})["logits"]
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
