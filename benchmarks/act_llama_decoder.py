@@ -88,7 +88,6 @@ def log(what: str) -> None:
 # ------------------------------------------------------------------------------ stages
 def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """HF Llama with random weights -> static decode-step ONNX (external data) + feeds."""
-    import warnings
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,9 +108,9 @@ def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with torch.no_grad():
         model = LlamaForCausalLM(cfg).eval()
     log("HF model built")
-    n, p = a.layers, a.past
+    p = a.past
 
-    from hf_decode_step import FlatKVStep
+    from hf_decode_step import export_decode_step
 
     gen = torch.Generator().manual_seed(a.seed)
     steps = []  # decode-step feeds over the caches of a few random prompts
@@ -130,29 +129,12 @@ def stage_export(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     }
                 )
     log(f"{len(steps)} decode-step feeds over {a.prompts} random prompts of {p} tokens")
-    names = ["input_ids", "attention_mask", "position_ids"]
-    outs = ["logits"]
-    for i in range(n):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outs += [f"present.{i}.key", f"present.{i}.value"]
     first = steps[0]
     args = (first["input_ids"], first["attention_mask"], first["position_ids"], *first["past"])
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            FlatKVStep(model).eval(),
-            args,
-            dynamo=True,
-            opset_version=18,
-            input_names=names,
-            output_names=outs,
-            optimize=True,
-            verbose=False,
-        )
-    prog.save(str(tmp / "dense.onnx"), external_data=True)
+    names, outs = export_decode_step(model, args, tmp / "dense.onnx", external_data=True)
     export_s = time.perf_counter() - t0
-    del prog, model
+    del model
     gc.collect()
     log(f"exported in {export_s:.0f} s")
 

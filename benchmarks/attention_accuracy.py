@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,15 +131,10 @@ def hf_llama():
 def export_kv(model, path: Path) -> None:
     """torch.onnx (dynamo, opset 18) export with flat past/present key/value tensors."""
     import torch
-    from hf_decode_step import FlatKVStep
+    from hf_decode_step import export_decode_step
 
     cfg = model.config
     n, kvh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    names, outs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
-    for i in range(n):
-        for kv in ("key", "value"):
-            names.append(f"past_key_values.{i}.{kv}")
-            outs.append(f"present.{i}.{kv}")
     b, s, p = 2, 3, 5
     args = (
         torch.randint(0, cfg.vocab_size, (b, s)),
@@ -154,20 +148,7 @@ def export_kv(model, path: Path) -> None:
         "position_ids": {0: "batch", 1: "seq"},
         "past": tuple({0: "batch", 2: "past_seq"} for _ in range(2 * n)),
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            FlatKVStep(model).eval(),
-            args,
-            dynamo=True,
-            opset_version=18,
-            input_names=names,
-            output_names=outs,
-            dynamic_shapes=dyn,
-            optimize=True,
-            verbose=False,
-        )
-    prog.save(str(path), external_data=False)
+    export_decode_step(model, args, path, dynamic_shapes=dyn)
 
 
 def check_against_reference(model, kv_path: Path, ids: np.ndarray) -> dict:
