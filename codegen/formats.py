@@ -825,10 +825,28 @@ class DeltaCSR(WeightFormat):
         )
 
     @classmethod
+    def _row_entries(cls, mask: np.ndarray, rows_per_step: int = 1024) -> np.ndarray:
+        """Stored entries per row before chunk padding (nonzeros plus the zeros that bridge
+        column gaps above `MAX_STEP`), without materialising the entries: a 7B layer's dense
+        weights have ~10^8 of them. Rows in steps of `rows_per_step` to bound memory."""
+        n = mask.shape[0]
+        out = np.zeros(n, dtype=np.int64)
+        for r0 in range(0, n, rows_per_step):
+            rows, cols = np.nonzero(mask[r0 : r0 + rows_per_step])
+            if rows.size == 0:
+                continue
+            gap = np.diff(cols, prepend=0).astype(np.int64)
+            gap[np.r_[True, rows[1:] != rows[:-1]]] = 0  # a row's first entry: its column is the base
+            fill = np.maximum(0, -(-gap // cls.MAX_STEP) - 1)
+            out[r0 : r0 + rows_per_step] = np.bincount(
+                rows, weights=fill + 1, minlength=min(rows_per_step, n - r0)
+            )
+        return out
+
+    @classmethod
     def _packed_nbytes(cls, mask: np.ndarray, itemsize: int) -> int:
         n, k = mask.shape
-        rows, _, _ = cls._entries(mask)
-        c = int((-(-np.bincount(rows, minlength=n) // cls.CHUNK)).sum())
+        c = int((-(-cls._row_entries(mask) // cls.CHUNK)).sum())
         return (
             c * (cls.CHUNK * itemsize + index_dtype(k - 1).itemsize + 4) + (n + 1) * index_dtype(c).itemsize
         )
