@@ -33,8 +33,11 @@ BYTES_RATIO = 0.8
 #: bytes per second the bytes model assumes (a 256 MB read on the H100 streams at 2.74 TB/s)
 MODEL_BANDWIDTH = 2.74e12
 DENSE = "dense"  # the model's matmul, scheduled by dlight
-#: schedules timed per candidate format (the first of `cuda_kernels.schedules`)
+#: schedules timed per candidate format (the first of `cuda_kernels.schedules`); the
+#: tensor-core kernel's best tile depends on M and N more than its ordering knows (on the
+#: H100 the narrow 64x32 wgmma tile wins at M = 64 on N = 4096, the fourth in its order)
 SCHEDULES_TRIED = 2
+MMA_SCHEDULES_TRIED = 4
 
 
 @dataclass
@@ -134,7 +137,8 @@ class CUDADispatcher:
         for fmt, params in cands:
             try:
                 packed = ck.pack(fmt, w, **params)
-                for sched in ck.schedules(fmt, m, n, k, self.target)[:SCHEDULES_TRIED]:
+                tried = MMA_SCHEDULES_TRIED if fmt == "mma" else SCHEDULES_TRIED
+                for sched in ck.schedules(fmt, m, n, k, self.target)[:tried]:
                     kernel = ck.build(fmt, packed, m, self.target, _x_dtype(fmt), **params, **sched)
                     built.append((fmt, {**params, **sched}, kernel))
             except UnfitError:
