@@ -637,6 +637,30 @@ def calibrated_sparsity(ctx: Any, th: np.ndarray) -> float | None:
     return table.get(threshold_key(th, th.shape[0]))
 
 
+def timed_sparsity(ctx: Any, th: np.ndarray) -> tuple[float | None, float]:
+    """(calibrated sparsity or None, the sparsity a fused kernel is timed at): the calibrated
+    one on a grid of `SPARSITY_STEP` (weights of one shape then share a measurement), else
+    `ASSUMED_SPARSITY`."""
+    cal = calibrated_sparsity(ctx, th)
+    return cal, ASSUMED_SPARSITY if cal is None else round(round(cal / SPARSITY_STEP) * SPARSITY_STEP, 4)
+
+
+def probe_inputs(th: np.ndarray, m: int, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic X[m, K] (float32, seeded) for timing a fused kernel with thresholds `th`:
+    a share `s` of the entries below their threshold, and the guard's input with a share
+    ``s * GUARD_FRACTION`` (the same draws). With every threshold negative nothing can be
+    skipped, and both are fully active."""
+    k = th.shape[0]
+    rng = np.random.default_rng(0)
+    sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
+    x_all = (sign * (np.abs(th) + 1.0)).astype(np.float32)  # every channel active
+    if np.all(th < 0):
+        return x_all, x_all
+    drop = rng.random((m, k))
+    x_s = np.where(drop < s, 0.0, x_all).astype(np.float32)
+    return x_s, np.where(drop < s * GUARD_FRACTION, 0.0, x_all).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class _Chosen:
     """What the rewrite needs of a chosen kernel (no compiled module, no device copies)."""
@@ -655,9 +679,7 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
 
     k, n = w.shape
     wsp = float(1 - np.count_nonzero(w) / w.size)
-    cal = calibrated_sparsity(ctx, th)
-    # timed at the calibrated sparsity on a grid of SPARSITY_STEP, else at ASSUMED_SPARSITY
-    s_used = ASSUMED_SPARSITY if cal is None else round(round(cal / SPARSITY_STEP) * SPARSITY_STEP, 4)
+    cal, s_used = timed_sparsity(ctx, th)
     key = decision_key(ctx.target, w, th, m, ctx.cold, None if cal is None else s_used)
     if key in cache:
         return cache[key]
@@ -683,14 +705,7 @@ def _decide(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cache: d
         cache[key] = (chosen(rec["kernel"]) if rec["chosen"] == "fused" else None, rec)
         return cache[key]
     timer = Timer(repeat=11)  # the decision is cached: spend a little more for a stable median
-    rng = np.random.default_rng(0)
-    sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
-    x_all = (sign * (np.abs(th) + 1.0)).astype(np.float32)  # every channel active
-    drop = rng.random((m, k))
-    x_s = np.where(drop < s_used, 0.0, x_all).astype(np.float32)
-    x_g = np.where(drop < s_used * GUARD_FRACTION, 0.0, x_all).astype(np.float32)  # the guard's input
-    if np.all(th < 0):  # every channel always active: the pattern cannot skip anything
-        x_s = x_g = x_all
+    x_s, x_g = probe_inputs(th, m, s_used)
     # with a dense W, every time here depends on the shapes only (the inputs are synthetic):
     # weights of one shape share one measurement
     shape_key = ("timing", k, n, m, s_used) if "act_bitmap" not in builders else None

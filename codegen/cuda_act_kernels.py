@@ -247,8 +247,7 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
 
     k, n = w.shape
     measured = gpu_visible()
-    cal = ak.calibrated_sparsity(ctx, th)
-    s = ak.ASSUMED_SPARSITY if cal is None else round(round(cal / ak.SPARSITY_STEP) * ak.SPARSITY_STEP, 4)
+    cal, s = ak.timed_sparsity(ctx, th)
     key = ak.decision_key(ctx.target, w, th, m, True, None if cal is None else s)
     key += "|measured" if measured else "|bytes-model"
     if key in cache:
@@ -267,16 +266,9 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
         cache[key] = (chosen(rec["kernel"]) if rec["chosen"] == "fused" else None, rec)
         return cache[key]
     if n % 8:
-        return None, {"technique": "activation_sparsity", "M": m, "weight_shape": [k, n],
+        return None, {"technique": "activation_sparsity", "M": m, "weight_shape": [k, n], "threshold": kind,
                       "chosen": "dense", "reason": "the CUDA kernel needs N % 8 == 0"}  # fmt: skip
-    rng = np.random.default_rng(0)
-    sign = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0)
-    x_all = (sign * (np.abs(th32) + 1.0)).astype(np.float32)  # every channel active
-    drop = rng.random((m, k))
-    x_s = np.where(drop < s, 0.0, x_all).astype(np.float32)
-    x_g = np.where(drop < s * ak.GUARD_FRACTION, 0.0, x_all).astype(np.float32)  # the guard's input
-    if np.all(th32 < 0):
-        x_s = x_g = x_all
+    x_s, x_g = ak.probe_inputs(th32, m, s)
     wsp = float(1 - np.count_nonzero(w) / w.size)
     if measured:
         import tvm

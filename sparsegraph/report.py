@@ -237,6 +237,12 @@ def _codegen_markdown(cg: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for f in act:
+            if "fused_us" not in f:  # declined before timing (a shape the kernel cannot run)
+                lines.append(
+                    f"| {f.get('bucket', '–')} | {f['weight_shape'][0]}x{f['weight_shape'][1]} | {f['M']} "
+                    f"| {f.get('threshold', '–')} | – | – | – | – | {f['chosen']}: {f.get('reason', '')} |"
+                )
+                continue
             cal = f.get("calibrated_sparsity")
             assumed = f["assumed_activation_sparsity"]
             s = f"{cal:.0%} calibrated" if cal is not None else f"{assumed:.0%} assumed"
