@@ -79,17 +79,26 @@ def _product(values) -> int:
     return out
 
 
+def _inlined(func: Any, target: Any) -> tuple[s_tir.Schedule, list] | None:
+    """A schedule of an llvm-target PrimFunc with its blocks normalised and the injective
+    ones inlined (dlight's helpers), and the remaining blocks; None when not applicable."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = dl.normalize_prim_func(sch)
+    if blocks is None:
+        return None
+    return sch, dl.try_inline(sch, blocks)
+
+
 class Matmul(dl.ScheduleRule):
     """Batched matmul of two activations (see the module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: Any, _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        found = _inlined(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = dl.normalize_prim_func(sch)
-        if blocks is None:
-            return None
-        blocks = dl.try_inline(sch, blocks)
+        sch, blocks = found
         info, epilogues = blocks[0], blocks[1:]
         if info.is_injective() or not all(e.is_injective() for e in epilogues):
             return None
@@ -136,13 +145,10 @@ class Fallback(dl.ScheduleRule):
     """Inline, then parallel outer + vectorised inner loops per block (module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: Any, _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        found = _inlined(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = dl.normalize_prim_func(sch)
-        if blocks is None:
-            return None
-        blocks = dl.try_inline(sch, blocks)
+        sch, blocks = found
         for info in blocks:
             loops = sch.get_loops(info.block_rv)
             exts = [_extent(sch, lp) for lp in loops]
