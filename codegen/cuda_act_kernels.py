@@ -3,33 +3,29 @@
 ``X[M, K]`` float16 or float32, ``W[K, N]`` fp16 as ONNX stores it (one contiguous row per
 input channel), fp32 thresholds ``T[K]``, fp32 accumulation, ``Y[M, N]`` in X's dtype.
 TEAL's decode kernel (Liu et al., "Training-Free Activation Sparsity in Large Language
-Models", 2024) with the union of active channels over the M rows, in one launch:
+Models", 2024) with the union of active channels over the M rows, in one launch and
+without workspaces:
 
-``grid = NT x KS`` blocks of ``threads`` threads: block (t, s) owns outputs
-``[t * threads * 8, +threads * 8)`` and the input slice ``[s * SL, +SL)`` (SL <= threads).
-Thread i tests channel ``s * SL + i``; the block compacts the active channels into shared
-memory (``__ballot_sync`` per warp, popcounts, a prefix over the warps), with their
-thresholded x values beside them; then each thread walks the active list, ``unroll``
-channels at a time, with one 16-byte load of 8 fp16 weights per channel (a warp reads 512
-contiguous bytes of a row). The block's fp32 partial sums go through shared memory into
-``ACC[M, N]`` with ``atomicAdd`` (a warp's 32 atomics on 128 consecutive bytes). After a
-``__threadfence`` the block counts itself in ``CNT[t]``; the last of the KS blocks of tile
-t (threadFenceReduction pattern) reads the tile's sums from L2
-(``__ldcg``), writes Y, and puts zeros back into ACC and CNT. So ``ACC`` and ``CNT`` are
-workspaces that must be zero before the first call and stay zero between calls (the
-compiled model holds them as zero constants). Float atomics make the summation order, and
-so the last bits of Y, vary from call to call (fp32 rounding, ~1e-7 relative).
+* a block owns ``32 * vec`` outputs; a cluster of ``cluster`` blocks (Hopper thread-block
+  clusters) owns the same outputs, each block a slice of K, and each of a block's
+  ``warps`` warps a part of that slice;
+* a warp tests its channels ``chunk`` at a time (all X and T loads issued first, then one
+  ``__ballot_sync`` per 32 channels), compacts the active ones and their thresholded x
+  values into its shared-memory list, then walks the list ``unroll`` channels at a time,
+  each lane loading ``vec`` contiguous fp16 weights of the channel's row;
+* the block folds its warps' partial sums in shared memory; after a cluster barrier,
+  block r of the cluster sums columns ``r`` of every block's partials through distributed
+  shared memory (``mapa`` + ``ld.shared::cluster``), in a fixed order, and writes Y. No
+  atomics: the result is deterministic, and nothing needs zeroing between calls.
 
-The split over K (``KS`` slices) gives enough blocks to fill an H100 at N = 4096.
-Needs ``N % 8 == 0``. Function attributes ``tirx.noalias`` and ``tirx.is_scheduled``.
+Needs ``N % vec == 0`` and sm_90 (clusters). Function attributes ``tirx.noalias`` and
+``tirx.is_scheduled``.
 
-Measured (`benchmarks/act_kernels.py --gpu`, H100, L2 flushed, vs cuBLAS ``F.linear`` fp16,
-M = 1, W 4096x11008 / 11008x4096): 1.00x / 0.98x with every channel active, 1.65x / 1.56x
-at 50 %, 2.22x / 2.18x at 70 % activation sparsity. The time does not fall in proportion
-to the skipped bytes: at 70 % about 6 µs of the 17 µs are not W traffic (the channel test
-and compaction before the first W load, a few dependent rounds of loads per thread, the
-atomics and the finishing block). The earlier two-launch version (fp32 partials and a
-reduction kernel) was 1.34x / 1.71x at 50 / 70 % on an H200.
+Measured (`benchmarks/act_kernels.py --gpu`, H100, L2 flushed, vs cuBLAS ``F.linear``
+fp16): see `benchmarks/results/act_kernels_gpu.md`. The previous version split K over
+independent blocks and reduced with fp32 atomics, a ``__threadfence`` and a last-block
+pass; the cluster reduction and more warps per SM took 4096x11008 at 70 % from 2.17x to
+2.35x and M = 4 from 0.79-0.93x to 0.91-1.06x (same run).
 """
 
 from __future__ import annotations
@@ -48,180 +44,181 @@ _COUNTER = itertools.count()
 
 @dataclass(frozen=True)
 class CUDAActKernel:
-    """The PrimFunc and its launch plan; call as ``f(X, T, W, ACC, CNT, Y)`` with the zeroed
-    workspaces ``ACC`` (fp32 `acc_shape`) and ``CNT`` (int32 `cnt_shape`)."""
+    """The PrimFunc and its launch plan; call as ``f(X, T, W, Y)``."""
 
     prim_func: Any
     shape: tuple[int, int, int]  # (M, N, K)
-    threads: int
-    k_slices: int
-    unroll: int
+    warps: int  # per block, each on its own channels of the block's K slice
+    cluster: int  # blocks per cluster, each on its own K slice of the cluster's outputs
+    unroll: int  # W loads in flight per thread
+    chunk: int  # channels a warp compacts at a time
+    vec: int = 4  # outputs per lane (fp16 W: 4 = 8-byte loads); a block owns 32 * vec outputs
     x_dtype: str = "float16"
-
-    @property
-    def acc_shape(self) -> tuple[int, int]:
-        m, n, _ = self.shape
-        return (m, n)
-
-    @property
-    def cnt_shape(self) -> tuple[int]:
-        return (-(-self.shape[1] // (self.threads * 8)),)
 
     @property
     def symbol(self) -> str:
         return str(self.prim_func.attrs["global_symbol"])
 
 
-def plan(m: int, n: int, k: int, threads: int = 128, blocks_per_sm: int = 2, sms: int = 132) -> int:
-    """K slices: at most `threads` channels each (one per thread for the compaction), and
-    enough to give about `blocks_per_sm` blocks per SM (fewer for large M)."""
-    nt = -(-n // (threads * 8))
-    per_sm = blocks_per_sm if m <= 2 else max(1, blocks_per_sm // 2)
-    return max(-(-k // threads), min(k // 16, -(-(per_sm * sms) // nt)))
+#: static shared memory a block may use
+SMEM_BYTES = 48 * 1024
+
+
+def plan(m: int, n: int, k: int, vec: int = 4, sms: int = 132) -> tuple[int, int]:
+    """(warps per block, blocks per cluster): clusters of 8 (the portable limit; fewer
+    when K is short), then the most warps per block (a power of two <= 8) that keeps the
+    grid within ~22 warps per SM and the warps' partial sums within 2/3 of `SMEM_BYTES`.
+    On the H100 (`benchmarks/act_kernels.py --gpu`) the fastest layouts had 16-21 warps
+    per SM: more loads in flight than fewer warps give, without the per-warp fixed cost
+    (compaction, reduction) of more."""
+    tile = 32 * vec
+    nt = -(-n // tile)
+    cluster = next((c for c in (8, 4, 2) if k >= c * 64), 1)
+    cap = min(8, 22 * sms // (nt * cluster), SMEM_BYTES * 2 // 3 // (m * tile * 4) - 1)
+    return 1 << max(0, cap.bit_length() - 1), cluster
 
 
 def act_cuda_func(
     m: int,
     n: int,
     k: int,
-    threads: int = 128,
-    k_slices: int | None = None,
+    warps: int | None = None,
+    cluster: int | None = None,
     unroll: int | None = None,
+    chunk: int | None = None,
+    vec: int = 4,
     x_dtype: str = "float16",
 ):
-    """Build the `CUDAActKernel` for ``(M, N, K)``; see the module docstring. Defaults: the
-    fastest of the schedules timed on an H100 (`benchmarks/act_kernels.py --gpu`): 128
-    threads, 2 blocks per SM, 16 channel loads in flight per thread (8 for M > 2)."""
+    """Build the `CUDAActKernel` for ``(M, N, K)``; see the module docstring. Defaults:
+    `plan`, 16 channel loads in flight per thread, 4 outputs per lane."""
     if not 1 <= m <= 8:
         raise ValueError(f"the CUDA activation-sparse kernel handles 1 <= M <= 8; got M={m}")
     if n % 8:
         raise ValueError(f"the CUDA activation-sparse kernel needs N % 8 == 0; got N={n}")
-    if threads % 32 or not 32 <= threads <= 1024:
-        raise ValueError(f"threads must be a multiple of 32 in [32, 1024]; got {threads}")
     if x_dtype not in ("float16", "float32"):
         raise ValueError(f"X must be float16 or float32; got {x_dtype}")
-    ks = int(k_slices or plan(m, n, k, threads))
-    sl = -(-k // ks)
-    if sl > threads:
-        raise ValueError(
-            f"a K slice of {sl} channels exceeds the {threads} threads of a block; use more slices"
-        )
-    ks = -(-k // sl)
-    nt = -(-n // (threads * 8))
-    unroll = unroll or (16 if m <= 2 else 8)
-    M, N, K, TPB, KS, SL, NT, U, XD = m, n, k, threads, ks, sl, nt, unroll, x_dtype
-    NW = TPB // 32
+    if vec not in (2, 4, 8) or n % vec:
+        raise ValueError(f"vec must be 2, 4 or 8 and divide N; got {vec}")
+    pw, pc = plan(m, n, k, vec)
+    G, CS = int(warps or pw), int(cluster or pc)
+    if CS not in (1, 2, 4, 8) or not 1 <= G <= 8:
+        raise ValueError(f"cluster must be 1, 2, 4 or 8 and warps 1..8; got {CS}, {G}")
+    SP = -(-k // (CS * G))  # channels per warp
+    TILE = 32 * vec
+    part_bytes = (G + 1) * m * TILE * 4
+    fit = (SMEM_BYTES - part_bytes) // (G * (m + 1) * 4) // 32 * 32
+    CH = int(chunk or min(-(-SP // 32) * 32, 256, fit))
+    if CH < 32 or CH % 32 or CH > fit:
+        raise ValueError(f"chunk must be a multiple of 32 that fits shared memory (<= {fit}); got {CH}")
+    NCH = -(-SP // CH)
+    U = int(unroll or 16)
+    M, N, K, XD, NT, TPB, CPR, V = m, n, k, x_dtype, -(-n // TILE), G * 32, TILE // CS, vec
+    NQ = CH // 32
+    NRED = -(-(M * TILE) // TPB)  # partial sums each thread folds over the warps
+    NOUT = -(-(M * CPR) // TPB)  # outputs each thread finishes over the cluster
 
     @T.prim_func
     def main(
         X: T.Buffer((M, K), XD),
         TH: T.Buffer((K,), "float32"),
         W: T.Buffer((K, N), "float16"),
-        ACC: T.Buffer((M, N), "float32"),
-        CNT: T.Buffer((NT,), "int32"),
         Y: T.Buffer((M, N), XD),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for bx in T.thread_binding(NT * KS, thread="blockIdx.x"):
-            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
-                idx = T.decl_buffer((SL,), "int32", scope="shared")
-                xs = T.decl_buffer((SL, M), "float32", scope="shared")
-                wcnt = T.decl_buffer((NW,), "int32", scope="shared")
-                last = T.decl_buffer((1,), "int32", scope="shared")
-                red = T.decl_buffer((M, TPB * 8), "float32", scope="shared")
-                run = T.decl_buffer((1,), "int32", scope="local")
-                act = T.decl_buffer((1,), "int32", scope="local")
-                bal = T.decl_buffer((1,), "uint32", scope="local")
-                xv = T.decl_buffer((M,), "float32", scope="local")
-                acc = T.decl_buffer((M, 8), "float32", scope="local")
-                wv = T.decl_buffer((U, 8), "float16", scope="local")
-                t = T.meta_var(bx // KS)
-                s = T.meta_var(bx % KS)
-                n0 = T.meta_var(t * (TPB * 8) + tx * 8)
-                kk = T.meta_var(s * SL + tx)
-                # compaction: thread tx tests channel s*SL + tx; ballot per warp, prefix over warps
-                act[0] = 0
-                if tx < SL and kk < K:
+        for bx in T.thread_binding(NT * CS, thread="blockIdx.x"):
+            for r in T.thread_binding(CS, thread="clusterCtaIdx.x"):
+                for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+                    idx = T.decl_buffer((G, CH), "int32", scope="shared")
+                    xs = T.decl_buffer((G, CH, M), "float32", scope="shared")
+                    part = T.decl_buffer((G, M, TILE), "float32", scope="shared")
+                    bsum = T.decl_buffer((M, TILE), "float32", scope="shared")
+                    cnt = T.decl_buffer((1,), "int32", scope="local")
+                    bal = T.decl_buffer((1,), "uint32", scope="local")
+                    act = T.decl_buffer((NQ,), "int32", scope="local")
+                    xv = T.decl_buffer((NQ, M), "float32", scope="local")
+                    acc = T.decl_buffer((M, V), "float32", scope="local")
+                    wv = T.decl_buffer((U, vec), "float16", scope="local")
+                    rsum = T.decl_buffer((1,), "float32", scope="local")
+                    addr = T.decl_buffer((1,), "uint32", scope="local")
+                    rv = T.decl_buffer((1,), "float32", scope="local")
+                    w = T.meta_var(tx // 32)
+                    lane = T.meta_var(tx % 32)
+                    n0 = T.meta_var((bx // CS) * TILE + lane * V)
+                    k0 = T.meta_var((r * G + w) * SP)  # this warp's channels: [k0, k0 + SP)
                     for i in T.unroll(M):
-                        xv[i] = T.Cast("float32", X[i, kk])
-                        act[0] = T.max(act[0], T.Cast("int32", T.fabs(xv[i]) > TH[kk]))
-                bal[0] = T.call_extern("uint32", "__ballot_sync", T.uint32(0xFFFFFFFF), act[0])
-                if tx % 32 == 0:
-                    wcnt[tx // 32] = T.popcount(bal[0])
-                T.tvm_storage_sync("shared")
-                run[0] = 0
-                for q in T.unroll(NW):
-                    if q < tx // 32:
-                        run[0] = run[0] + wcnt[q]
-                if act[0] > 0:
-                    pos = T.meta_var(
-                        run[0]
-                        + T.popcount(
-                            T.bitwise_and(
-                                bal[0], T.shift_left(T.uint32(1), T.Cast("uint32", tx % 32)) - T.uint32(1)
-                            )
-                        )
-                    )
-                    idx[pos] = kk
-                    for i in T.unroll(M):
-                        xs[pos, i] = T.if_then_else(T.fabs(xv[i]) > TH[kk], xv[i], T.float32(0))
-                run[0] = 0
-                for q in T.unroll(NW):
-                    run[0] = run[0] + wcnt[q]
-                T.tvm_storage_sync("shared")
-                if run[0] > 0:  # (uniform over the block)
-                    for i in T.unroll(M):
-                        for v in T.unroll(8):
+                        for v in T.unroll(V):
                             acc[i, v] = T.float32(0)
-                    if n0 < N:
-                        for jo in range((run[0] + U - 1) // U):
-                            for u in T.unroll(U):
-                                if jo * U + u < run[0]:
-                                    for v in T.vectorized(8):
-                                        wv[u, v] = W[idx[jo * U + u], n0 + v]
-                            for u in T.unroll(U):
-                                if jo * U + u < run[0]:
-                                    for i in T.unroll(M):
-                                        for v in T.unroll(8):
-                                            acc[i, v] = acc[i, v] + xs[jo * U + u, i] * T.Cast(
-                                                "float32", wv[u, v]
-                                            )
-                    # through shared memory, so that a warp's atomics hit 128 consecutive bytes
+                    for ch in range(NCH):
+                        # compaction of CH channels: all loads first, then one ballot per 32
+                        for q in T.unroll(NQ):
+                            c = T.meta_var(k0 + ch * CH + q * 32 + lane)
+                            act[q] = 0
+                            if ch * CH + q * 32 + lane < SP and c < K:
+                                for i in T.unroll(M):
+                                    xv[q, i] = T.Cast("float32", X[i, c])
+                                    act[q] = T.max(act[q], T.Cast("int32", T.fabs(xv[q, i]) > TH[c]))
+                        cnt[0] = 0
+                        for q in T.unroll(NQ):
+                            c = T.meta_var(k0 + ch * CH + q * 32 + lane)
+                            below = T.meta_var(T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - 1)
+                            bal[0] = T.call_extern("uint32", "__ballot_sync", T.uint32(0xFFFFFFFF), act[q])
+                            if act[q] > 0:
+                                pos = T.meta_var(cnt[0] + T.popcount(T.bitwise_and(bal[0], below)))
+                                idx[w, pos] = c
+                                for i in T.unroll(M):
+                                    xs[w, pos, i] = T.if_then_else(T.fabs(xv[q, i]) > TH[c], xv[q, i], 0.0)
+                            cnt[0] = cnt[0] + T.popcount(bal[0])
+                        T.evaluate(T.call_extern("void", "__syncwarp"))
+                        if n0 < N:
+                            for jo in range((cnt[0] + U - 1) // U):
+                                for u in T.unroll(U):
+                                    if jo * U + u < cnt[0]:
+                                        for v in T.vectorized(V):
+                                            wv[u, v] = W[idx[w, jo * U + u], n0 + v]
+                                for u in T.unroll(U):
+                                    if jo * U + u < cnt[0]:
+                                        for i in T.unroll(M):
+                                            for v in T.unroll(V):
+                                                acc[i, v] = acc[i, v] + xs[w, jo * U + u, i] * T.Cast(
+                                                    "float32", wv[u, v]
+                                                )
+                        T.evaluate(T.call_extern("void", "__syncwarp"))
+                    # the block's sum over its warps
                     for i in T.unroll(M):
-                        for v in T.vectorized(8):
-                            red[i, tx * 8 + v] = acc[i, v]
+                        for v in T.vectorized(V):
+                            part[w, i, lane * V + v] = acc[i, v]
                     T.tvm_storage_sync("shared")
-                    for i in T.unroll(M):
-                        for e in T.unroll(8):
-                            if t * (TPB * 8) + e * TPB + tx < N:
+                    for e in T.unroll(NRED):
+                        if e * TPB + tx < M * TILE:
+                            rsum[0] = T.float32(0)
+                            for g in T.unroll(G):
+                                rsum[0] = rsum[0] + part[g, (e * TPB + tx) // TILE, (e * TPB + tx) % TILE]
+                            bsum[(e * TPB + tx) // TILE, (e * TPB + tx) % TILE] = rsum[0]
+                    T.tvm_storage_sync("shared")
+                    # the cluster's sum: block r finishes columns [r * CPR, +CPR) from every
+                    # block's bsum (distributed shared memory, fixed order: deterministic)
+                    T.cuda.cluster_sync()
+                    for e in T.unroll(NOUT):
+                        row = T.meta_var((e * TPB + tx) // CPR)
+                        col = T.meta_var(r * CPR + (e * TPB + tx) % CPR)  # within the tile
+                        if e * TPB + tx < M * CPR:
+                            rsum[0] = T.float32(0)
+                            for q in T.unroll(CS):
                                 T.evaluate(
-                                    T.call_extern(
-                                        "float32",
-                                        "atomicAdd",
-                                        T.address_of(ACC[i, t * (TPB * 8) + e * TPB + tx]),
-                                        red[i, e * TPB + tx],
+                                    T.ptx.mapa.shared__cluster.u32(
+                                        addr[0],
+                                        T.cuda.cvta_generic_to_shared(T.address_of(bsum[row, col])),
+                                        T.uint32(q),
                                     )
                                 )
-                    T.evaluate(T.call_extern("void", "__threadfence"))
-                # the last block of tile t to arrive finishes it (threadFenceReduction)
-                T.tvm_storage_sync("shared")
-                if tx == 0:
-                    last[0] = T.call_extern("int32", "atomicAdd", T.address_of(CNT[t]), 1)
-                T.tvm_storage_sync("shared")
-                act[0] = last[0]  # (a shared load cannot be a branch condition)
-                if act[0] == KS - 1:
-                    if n0 < N:
-                        for i in T.unroll(M):
-                            for v in T.unroll(8):
-                                Y[i, n0 + v] = T.Cast(
-                                    XD, T.call_extern("float32", "__ldcg", T.address_of(ACC[i, n0 + v]))
-                                )
-                                ACC[i, n0 + v] = T.float32(0)
-                    if tx == 0:
-                        CNT[t] = 0
+                                T.evaluate(T.ptx.ld.shared__cluster.f32(rv[0], addr[0]))
+                                rsum[0] = rsum[0] + rv[0]
+                            if (bx // CS) * TILE + col < N:
+                                Y[row, (bx // CS) * TILE + col] = T.Cast(XD, rsum[0])
+                    T.cuda.cluster_sync()  # no block leaves while others read its shared memory
 
     sym = f"sg_act_cuda_m{m}_n{n}_k{k}_{next(_COUNTER)}"
-    return CUDAActKernel(main.with_attr("global_symbol", sym), (m, n, k), TPB, KS, U, XD)
+    return CUDAActKernel(main.with_attr("global_symbol", sym), (m, n, k), G, CS, U, CH, V, XD)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -257,8 +254,7 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
 
     def chosen(_name: str) -> Any:
         kern = act_cuda_func(m, n, k, x_dtype="float32")
-        ws = {"acc": np.zeros(kern.acc_shape, np.float32), "cnt": np.zeros(kern.cnt_shape, np.int32)}
-        return ak._Chosen(kern.symbol, kern.prim_func, {"th": th32, "w": w16, **ws})
+        return ak._Chosen(kern.symbol, kern.prim_func, {"th": th32, "w": w16})
 
     stored = ctx.db.get(key)
     if stored is not None:
