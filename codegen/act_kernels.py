@@ -579,7 +579,7 @@ def act_sparse_rewrite(ctx: Any):
 def _const(e: Any) -> np.ndarray | None:
     import tvm
 
-    return e.value.numpy() if isinstance(e, tvm.ir.expr.GenericConst) else None
+    return ck.as_numpy(e.value) if isinstance(e, tvm.ir.expr.GenericConst) else None  # a view, no copy
 
 
 def _op(e: Any) -> str:
@@ -621,7 +621,9 @@ def decision_key(
     from sparsegraph.codegen.dispatch import _target_key
 
     k, n = w_onnx.shape
-    digest = hashlib.sha1(np.ascontiguousarray(w_onnx).tobytes() + th.tobytes()).hexdigest()[:16]
+    h = hashlib.sha1(memoryview(np.ascontiguousarray(w_onnx)).cast("B"))  # no copy of the weight
+    h.update(memoryview(np.ascontiguousarray(th)).cast("B"))
+    digest = h.hexdigest()[:16]
     key = f"{_target_key(target)}|act_sparse2|M{m}|K{k}|N{n}|{digest}|{cold}"  # 2: the guard's rule
     return key if sparsity is None else f"{key}|s{sparsity:.4f}"
 
@@ -836,7 +838,7 @@ def _make_swap():
                 self._gvars[kern.symbol] = self.builder_.add_func(kern.prim_func, kern.symbol)
             if id(kern) not in self._consts:
                 # constants made once per weight; the numpy copies go (a 7B layer's weights are GBs)
-                self._consts[id(kern)] = [relax.const(np.ascontiguousarray(a)) for a in kern.weights.values()]
+                self._consts[id(kern)] = [relax.const(ck.as_tvm(a)) for a in kern.weights.values()]
                 kern.weights.clear()
             x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(shape) != 2 else x
             consts = self._consts[id(kern)]

@@ -163,6 +163,25 @@ _default_threads()  # before any kernel of this process creates TVM's pool
 # --------------------------------------------------------------------------- kernel object
 
 
+def as_tvm(a: np.ndarray) -> Any:
+    """`a` as a CPU tvm tensor: the same memory where `a` is C-contiguous, writable and
+    64-byte aligned (e.g. a numpy view of a tvm tensor), else a copy."""
+    if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0 and a.size:
+        try:
+            return tvm.runtime.from_dlpack(a)
+        except Exception:  # a dtype DLPack cannot carry: copy
+            pass
+    return tvm.runtime.tensor(np.ascontiguousarray(a))
+
+
+def as_numpy(t: Any) -> np.ndarray:
+    """A CPU tvm tensor as numpy: a view of its memory where DLPack allows, else a copy."""
+    try:
+        return np.from_dlpack(t)
+    except Exception:
+        return t.numpy()
+
+
 @dataclass(eq=False)
 class CPUKernel:
     """A compiled kernel for one (M, N, K, W); see the module docstring."""
@@ -185,7 +204,9 @@ class CPUKernel:
         self._fn = self.executable[self.symbol]
         self._x = tvm.runtime.empty((m, k), "float32", dev)
         self._y = tvm.runtime.empty((m, n), "float32", dev)
-        ws = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in self.weights.values()]
+        ws = [as_tvm(a) for a in self.weights.values()]
+        for name, t in zip(list(self.weights), ws, strict=True):  # one copy: views of the tensors
+            self.weights[name] = as_numpy(t)
         self._args = (self._x, *ws, self._y)
 
     @property

@@ -14,6 +14,7 @@ same model reuses the decisions and only rebuilds the chosen kernels.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -188,6 +189,9 @@ class Dispatcher:
                 self.kernels[key] = build(w, Candidate("dense"), m, self.target)
             else:
                 self.kernels[key], self.decisions[key] = self._choose(w, m)
+            # TVMScript's parser keeps the builders' frames in a reference cycle (inspect.stack),
+            # and with them each build's copy of W and the timed candidates: free them now
+            gc.collect()
         return self.kernels[key]
 
     def _db_key(self, w: np.ndarray, m: int, what: str) -> str:

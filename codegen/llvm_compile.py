@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from sparsegraph.errors import UsageError
@@ -79,14 +78,14 @@ def compile_llvm(
     start = time.perf_counter()
     portable, out_dir = Path(portable), Path(out_dir)
     model = Model.load(portable)
+    relax_build.share_weights(model)  # one copy of the weights, in TVM memory, for everything below
     target = target or host_target()
     ctx = PassContext(seed)
     roles = ctx.get(Roles, model)
-    weights = linear_weights(model, portable, ctx)
+    weights = linear_weights(model, portable, ctx, contiguous=False)
     cold = sum(w.nbytes for _, w in weights.values()) > llc_bytes()
     db = TuningDB(db_path)
     buckets = buckets_for(model, list(batch_sizes), seq_len)
-    proto = onnx.load(str(portable))
 
     fused: list[dict[str, Any]] = []
 
@@ -97,7 +96,7 @@ def compile_llvm(
 
         ctx = RewriteContext(target, cold, db, dense_tags, act_sparsity=calibrated_sparsities(model))
         built = relax_build.build_module(
-            proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(ctx)
+            model, buckets, choose, set(weights), target, rewrites=pattern_rewrites(ctx)
         )
         if not dense_tags:  # the decisions for every bucket (a bucket shipping dense says so in its timing)
             fused[:] = ctx.decisions
@@ -137,16 +136,20 @@ def compile_llvm(
     return manifest
 
 
-def linear_weights(model: Model, portable: Path, ctx: PassContext) -> dict[str, tuple[str, np.ndarray]]:
+def linear_weights(
+    model: Model, portable: Path, ctx: PassContext, contiguous: bool = True
+) -> dict[str, tuple[str, np.ndarray]]:
     """`{content key of W_onnx[K, N]: (op name, W[N, K])}` for every MatMul/Gemm with a float32
-    constant weight (the ops a compile may hand to a kernel); a model without any is an error."""
+    constant weight (the ops a compile may hand to a kernel); a model without any is an error.
+    With `contiguous` False, W is the model's array seen as [N, K] where that is a view (no
+    copy; kernel builders pack from it)."""
     from . import relax_build
 
     weights: dict[str, tuple[str, np.ndarray]] = {}
     for op in ctx.get(SparsifiableOps, model).linear:
         w = op.weight.matrix()
         if op.op_type in ("MatMul", "Gemm") and w.dtype == np.float32:
-            weights[relax_build.weight_key(np.ascontiguousarray(w.T))] = (op.name, np.ascontiguousarray(w))
+            weights[relax_build.weight_key(w.T)] = (op.name, np.ascontiguousarray(w) if contiguous else w)
     if not weights:
         raise UsageError(f"{portable}: no MatMul/Gemm with a float32 constant weight to compile")
     return weights
@@ -239,10 +242,15 @@ def time_vm(executable, function, feeds, params, param_names, repeat: int = 10, 
     import tvm
     from tvm import relax
 
+    from .cpu_kernels import as_tvm
+
     dev = dev or tvm.cpu()
     vm = relax.VirtualMachine(executable, dev)
     args = [tvm.runtime.tensor(v, dev) for v in feeds.values()]
-    args += [tvm.runtime.tensor(params[n], dev) for n in param_names[function]]
+    on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()  # params: their memory, no copy
+    args += [
+        as_tvm(params[n]) if on_cpu else tvm.runtime.tensor(params[n], dev) for n in param_names[function]
+    ]
     fn = vm[function]
     fn(*args)
     dev.sync()

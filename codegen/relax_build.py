@@ -9,6 +9,13 @@ All buckets live in one IRModule as functions `main_<tag>`, compiled once for th
 
 Weights are matched to ops by content (a hash of `W_onnx[K, N]`), so the import's naming
 does not matter.
+
+Memory: given a `Model` (rather than a ModelProto), the weights exist once. `share_weights`
+moves the model's large constants into 64-byte-aligned TVM memory (the model keeps numpy
+views of it); the import specialises a skeleton of the model in which the large weights
+read only by MatMul/Gemm/Gather are graph inputs (no weight bytes in any ONNX proto), and
+binds those inputs to the shared tensors afterwards; kernels' packed arrays and the lifted
+params are views of TVM tensors, not copies (`as_tvm`, `np.from_dlpack`).
 """
 
 from __future__ import annotations
@@ -25,16 +32,63 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+from sparsegraph.codegen.cpu_kernels import as_numpy, as_tvm
 from sparsegraph.codegen.cpu_schedule import compile_cpu
 from sparsegraph.errors import UsageError
+from sparsegraph.model import Model
 
 MATMUL = tvm.ir.Op.get("relax.matmul")
+#: constants of at least this many bytes are shared with TVM (`share_weights`) and, where
+#: only MatMul/Gemm/Gather read them as data, kept out of the protos the import goes through
+SHARE_BYTES = 1 << 16
+#: ops (and the input positions) that only read a tensor's values: a weight consumed only
+#: there can be an input of the skeleton the import specialises, and a constant again after
+_DATA_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Gather": (0,)}
 
 
 def weight_key(w_onnx: np.ndarray) -> str:
     """Content key of a matmul right operand `W_onnx[K, N]` (float32, C order)."""
     a = np.ascontiguousarray(w_onnx, dtype=np.float32)
-    return hashlib.sha1(repr(a.shape).encode() + a.tobytes()).hexdigest()
+    h = hashlib.sha1(repr(a.shape).encode())
+    h.update(memoryview(a).cast("B"))  # the bytes in place: no copy of a large weight
+    return h.hexdigest()
+
+
+def share_weights(model: Model, min_bytes: int = SHARE_BYTES) -> None:
+    """Move every constant of `model`'s graph of at least `min_bytes` into TVM memory, the
+    model keeping a numpy view of it (same values): the import binds those tensors, and
+    weights handed to kernels are views, so one copy of the weights serves the whole
+    compile. Every constant is loaded, so the ModelProto the load read (which unloaded
+    constants reference) can be freed."""
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            v = t.values
+            if v.nbytes >= min_bytes and v.dtype.kind in "fiu":
+                t.values = as_numpy(tvm.runtime.tensor(np.ascontiguousarray(v)))
+    gc.collect()
+
+
+def _skeleton(model: Model, min_bytes: int = SHARE_BYTES) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` as a ModelProto whose large float weights read only as data by MatMul, Gemm
+    (any input) or Gather (the table) are graph inputs instead of initializers (appended
+    after the model's inputs), and those weights by name. Nothing downstream of such a
+    weight could be folded before the import (its consumer also reads a graph input)."""
+    graph = model.graph.copy()  # copies nodes and tensors, not the weights' arrays
+    lifted: dict[str, np.ndarray] = {}
+    outputs = {t.name for t in graph.outputs}
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Constant) or name in outputs or not t.outputs:
+            continue
+        v = t.values
+        if v.nbytes < min_bytes or v.dtype.kind != "f":
+            continue
+        uses = [(n.op, i) for n in t.outputs for i, x in enumerate(n.inputs) if x is t]
+        if all(i in _DATA_INPUTS.get(op, ()) for op, i in uses):
+            t.to_variable(dtype=v.dtype, shape=list(v.shape))
+            t.type = "tensor_type"  # what gs.Variable() sets and to_variable does not
+            graph.inputs.append(t)
+            lifted[name] = v
+    return Model(graph, model.meta).to_proto(), lifted
 
 
 def specialise(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
@@ -52,10 +106,35 @@ def specialise(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     return gs.export_onnx(graph)
 
 
-def import_bucket(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> relax.Function:
-    """The Relax function for one static-shape bucket of the model."""
-    mod = from_onnx(specialise(proto, shapes), keep_params_in_input=False)
-    return mod["main"]
+def import_bucket(
+    proto: onnx.ModelProto | Model,
+    shapes: dict[str, list[int]],
+    lifted: tuple[onnx.ModelProto, dict[str, tvm.runtime.Tensor]] | None = None,
+) -> relax.Function:
+    """The Relax function for one static-shape bucket of the model (a ModelProto with its
+    weights, or a `Model`: imported through its `_skeleton`, the weights then bound as
+    constants). `lifted`: a skeleton and its weights as tvm tensors, made once for several
+    buckets (`_import_source`)."""
+    if isinstance(proto, Model) and lifted is None:
+        lifted = _import_source(proto)
+    if lifted is None:
+        return from_onnx(specialise(proto, shapes), keep_params_in_input=False)["main"]
+    skeleton, tensors = lifted
+    spec = specialise(skeleton, {**shapes, **{k: list(v.shape) for k, v in tensors.items()}})
+    func = from_onnx(spec, keep_params_in_input=False)["main"]
+    inits = {t.name for t in spec.graph.initializer}
+    names = [i.name for i in spec.graph.input if i.name not in inits]
+    if len(names) != len(func.params):
+        raise RuntimeError(f"import: {len(func.params)} parameters for {len(names)} graph inputs")
+    bound = {v: relax.const(tensors[n]) for v, n in zip(func.params, names, strict=True) if n in tensors}
+    return func.bind_params(bound).with_attr("num_input", len(names) - len(bound))
+
+
+def _import_source(model: Model) -> tuple[onnx.ModelProto, dict[str, tvm.runtime.Tensor]]:
+    """The model's `_skeleton` and its lifted weights as CPU tvm tensors (sharing the
+    model's memory after `share_weights`)."""
+    skeleton, arrays = _skeleton(model)
+    return skeleton, {k: as_tvm(v) for k, v in arrays.items()}
 
 
 @relax.expr_functor.mutator
@@ -78,9 +157,9 @@ class _SwapLinear(relax.PyExprMutator):
         w = call.args[1]
         if not isinstance(w, tvm.ir.expr.GenericConst):
             return call
-        value = w.value.numpy()
-        if value.ndim != 2 or value.dtype != np.float32:
+        if len(w.ty.shape) != 2 or w.ty.dtype != "float32":
             return call
+        value = as_numpy(w.value)
         key = weight_key(value)
         if key not in self.keys:
             return call
@@ -98,7 +177,7 @@ class _SwapLinear(relax.PyExprMutator):
         xd = getattr(kernel, "x_dtype", "float32")  # a kernel taking fp16 X: cast X, and Y back
         if xd != "float32":
             x2d = self.builder_.emit(relax.op.astype(x2d, xd))
-        consts = [relax.const(np.ascontiguousarray(a)) for a in kernel.weights.values()]
+        consts = [relax.const(as_tvm(a)) for a in kernel.weights.values()]  # no copy of aligned arrays
         y = self.builder_.emit(
             relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], xd))
         )
@@ -129,15 +208,12 @@ class _LiftConstants(relax.PyExprMutator):
         self._vars: dict[str, Any] = {}
 
     def visit_generic_const_(self, const):
-        value = const.value.numpy()
+        value = as_numpy(const.value)  # a view of the constant's memory: params are not copies
         if value.nbytes < self.min_bytes:
             return const
-        name = (
-            "p"
-            + hashlib.sha1(
-                value.dtype.str.encode() + repr(value.shape).encode() + value.tobytes()
-            ).hexdigest()[:20]
-        )
+        h = hashlib.sha1(value.dtype.str.encode() + repr(value.shape).encode())
+        h.update(memoryview(np.ascontiguousarray(value)).cast("B"))
+        name = "p" + h.hexdigest()[:20]
         self.params.setdefault(name, value)
         if name not in self._vars:
             self._vars[name] = relax.Var(name, const.ty)
@@ -163,7 +239,7 @@ class _LiftConstants(relax.PyExprMutator):
 
 
 def build_module(
-    proto: onnx.ModelProto,
+    proto: onnx.ModelProto | Model,
     buckets: dict[str, dict[str, list[int]]],
     choose: Callable[[str, int, str], Any],
     keys: set[str],
@@ -178,12 +254,15 @@ def build_module(
     `tag` (or None to leave the matmul to TVM's lowering). On CPU every op our kernels do
     not run is scheduled by `cpu_schedule.compile_cpu`. Returns the executable, the swaps
     made, the lifted weights (name -> array) and, per function, the names of the weights it
-    takes after the model inputs.
+    takes after the model inputs. `proto` may be a `Model` (see the module docstring on
+    memory): the lifted params then share memory with the model's weights and kernels.
     """
     mod = tvm.IRModule()
+    source = _import_source(proto) if isinstance(proto, Model) else None
     for tag, shapes in buckets.items():
-        func = import_bucket(proto, shapes).with_attr("global_symbol", f"main_{tag}")
+        func = import_bucket(proto, shapes, source).with_attr("global_symbol", f"main_{tag}")
         mod[f"main_{tag}"] = func
+    del source
     mod = relax.transform.FoldConstant()(mod)
     for rewrite in rewrites:
         mod = rewrite(mod)

@@ -238,6 +238,7 @@ def _codegen(portable, staging, original, target, batch_sizes, seq_len, tune_tri
     packed = Model.load(portable)
     if to_sparse(packed):
         packed.save(staging / "sparse.onnx")
+    del packed  # the compile loads its own copy: not two models' weights at once
     common = dict(batch_sizes=list(batch_sizes), seq_len=seq_len, reference=original, seed=seed)
     if str(target.kind.name) == "cuda":
         from .codegen.cuda_compile import compile_cuda
