@@ -187,7 +187,7 @@ def run(args) -> dict:
                     except ck.fmts.UnfitError:
                         continue
                     tried = args.mma_schedules if fmt == "mma" else args.schedules
-                    for sched in ck.schedules(fmt, m, n, k)[:tried]:
+                    for sched in ck.schedules(fmt, m, n, k, target, **params)[:tried]:
                         kern = ck.build(fmt, packed[key], m, target, x_dtype="float16", **sched)
                         fn = kern.compile(target)[kern.symbol]
                         weights = [torch.from_numpy(np.array(a)).cuda() for a in kern.weights.values()]
@@ -246,7 +246,7 @@ def fused_launches(torch, ck, bench, target, rng, args) -> list[dict]:
                 best = None
                 for fmt in ("dcsr", "csr"):
                     pk = ck.pack(fmt, cat)
-                    for sched in ck.SCHEDULE_SPACE[fmt][: args.schedules]:
+                    for sched in ck.schedules(fmt, m, cat.shape[0], k, target)[: args.schedules]:
                         kern = ck.build(fmt, pk, m, target, x_dtype="float16", **sched)
                         fn = kern.compile(target)[kern.symbol]
                         wd = [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in kern.weights.values()]

@@ -138,7 +138,7 @@ class CUDADispatcher:
             try:
                 packed = ck.pack(fmt, w, **params)
                 tried = MMA_SCHEDULES_TRIED if fmt == "mma" else SCHEDULES_TRIED
-                for sched in ck.schedules(fmt, m, n, k, self.target)[:tried]:
+                for sched in ck.schedules(fmt, m, n, k, self.target, **params)[:tried]:
                     kernel = ck.build(fmt, packed, m, self.target, _x_dtype(fmt), **params, **sched)
                     built.append((fmt, {**params, **sched}, kernel))
             except UnfitError:

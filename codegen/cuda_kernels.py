@@ -20,9 +20,14 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   (2 bytes) -- then 8 x M FMAs with X from shared memory. ``unroll`` chunks are loaded
   before the first FMA. Partial sums are reduced with (segmented) warp shuffles; the
   row's first lane writes.
-* ``bsr`` (`formats.BSR` with blocks r x c, c % 8 == 0, r | 32): one warp per block row,
-  ``32 / r`` lanes per row of the block, each taking 8 contiguous values of a block (one
-  16-byte load; a warp reads whole blocks contiguously) and the matching 8 columns of X.
+* ``bsr`` (`formats.BSR` with blocks r x c, c % 8 == 0): two kernels. The row kernel above
+  (a warp per output row reads 16 bytes of each block of its block row, so 16 warps share
+  each 16x16 block), and for blocks of a multiple of 256 entries the block kernel
+  (`_bsr_blocks_func`, scheduled first): ``ks`` warps per block row, each loading whole
+  blocks (lane l takes chunks ``l + 32 h`` of a block: a 16x16 block is one 512-byte warp
+  load), X read from global memory, lanes of a row summed with shuffles and the ``ks``
+  warps through shared memory. On the H100 at M = 1 it is 4-12 % faster than the row
+  kernel, at M = 4 20-45 % (`benchmarks/gpu_bsr_blocks.py`).
 * ``dense``: our row kernel on fp16 W (M <= 16), the tensor-core GEMM of `cuda_mma`
   (``mma``, M >= `MMA_MIN_M`) and TVM's own GEMV / matmul schedules (``dlight``): the
   dense kernels the sparse ones are dispatched against.
@@ -89,14 +94,30 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
 MMA_MIN_M = 4
 
 
-def schedules(fmt: str, m: int, n: int, k: int, target: Any = None) -> list[dict[str, int]]:
-    """The schedules dispatch may time for `fmt` at (M, N, K), the default first (for
-    ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`)."""
+def schedules(
+    fmt: str, m: int, n: int, k: int, target: Any = None, block: tuple[int, int] | None = None, **_: Any
+) -> list[dict[str, int]]:
+    """The schedules dispatch may time for `fmt` at (M, N, K) (and `fmt`'s packing
+    parameters, e.g. a bsr `block`), the best first (for ``mma``: fp16 X, the Hopper wgmma
+    ones only for an sm_90a `target`)."""
     if fmt == "mma":
         from . import cuda_mma
 
         return cuda_mma.schedules(m, n, k, "float16", wgmma=is_hopper(target or cuda_target()))
+    if fmt == "bsr" and block is not None and (block[0] * block[1]) % 256 == 0:
+        return [*_bsr_block_schedules(m, n // block[0]), *SCHEDULE_SPACE[fmt]]
     return SCHEDULE_SPACE[fmt]
+
+
+def _bsr_block_schedules(m: int, block_rows: int) -> list[dict[str, int]]:
+    """The block kernel's schedules (`_bsr_blocks_func`), best first. Measured on an H100
+    (`benchmarks/gpu_bsr_blocks.py`): at M = 1, 8 warps per block row (16 when there are
+    <= 512 block rows, 11008->4096) and 2 blocks in flight per lane; at M = 4, half the
+    warps (4 on the larger grids)."""
+    ks = 16 if block_rows <= 512 else 8
+    if m > 1 and block_rows > 512:
+        ks //= 2
+    return [{"ks": ks, "unroll": 2}, {"ks": ks, "unroll": 4}]
 
 
 def is_hopper(target: Any) -> bool:
@@ -439,6 +460,97 @@ def _dense_mod(M, N, K, xdtype, target):
     return mod["main"]
 
 
+def _bsr_blocks_func(M, N, K, NB, r, c, xdtype, ks, unr, sms):
+    """BSR with whole blocks per warp load: `ks` warps share a block row (each takes every
+    ks-th block of it), lane l loads 16 contiguous bytes of each of its blocks -- chunks
+    ``l + 32 h`` of the block's ``r * c / 8`` -- so a warp reads a 16x16 block (512 bytes)
+    in one instruction, where the row kernel's warp per output row reads 32 bytes of each
+    block. X is read from global memory (L1-resident); lanes of a block row are summed with
+    shuffles, the `ks` warps through shared memory. Needs ``r * c % 256 == 0``."""
+    CC, CPB = c // 8, r * c // 8  # chunks per block row / per block
+    RL, NBR, TPB = CPB // WARP, N // r, ks * WARP
+    per_sm = max(1, min(2048 // TPB, 32))
+    GRID = min(NBR, sms * per_sm)
+    ITER = -(-NBR // GRID)
+    LOG_CC = CC.bit_length() - 1
+
+    @T.prim_func
+    def main(
+        x: T.Buffer((M, K), xdtype),
+        vals: T.Buffer((NB * r * c,), "float16"),
+        idx: T.Buffer((NB,), "uint16"),
+        ptr: T.Buffer((NBR + 1,), "int32"),
+        y: T.Buffer((M, N), xdtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding(GRID, thread="blockIdx.x"):
+            for ty in T.thread_binding(ks, thread="threadIdx.y"):
+                for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                    red = T.decl_buffer((ks, RL, WARP // CC, M), "float32", scope="shared")
+                    vb = T.decl_buffer((unr, RL, 8), "float16", scope="local")
+                    x8 = T.decl_buffer((8,), xdtype, scope="local")
+                    acc = T.decl_buffer((RL, M), "float32", scope="local")
+                    tot = T.decl_buffer((1,), "float32", scope="local")
+                    for it in range(ITER):
+                        br = T.meta_var(bx + it * GRID)
+                        if br < NBR:
+                            first = T.meta_var(ptr[br] + ty)
+                            mine = T.meta_var((ptr[br + 1] - ptr[br] - ty + ks - 1) // ks)
+                            for h in T.unroll(RL):
+                                for i in T.unroll(M):
+                                    acc[h, i] = T.float32(0)
+                            for j in range((mine + unr - 1) // unr):
+                                for u in T.unroll(unr):
+                                    if j * unr + u < mine:
+                                        for h in T.unroll(RL):
+                                            for v in T.vectorized(8):
+                                                vb[u, h, v] = vals[
+                                                    (first + (j * unr + u) * ks) * (r * c)
+                                                    + (tx + h * WARP) * 8
+                                                    + v
+                                                ]
+                                for u in T.unroll(unr):
+                                    if j * unr + u < mine:
+                                        col0 = T.meta_var(
+                                            T.Cast("int32", idx[first + (j * unr + u) * ks]) * c
+                                        )
+                                        for h in T.unroll(RL):
+                                            for i in T.unroll(M):
+                                                for v in T.vectorized(8):
+                                                    x8[v] = x[i, col0 + (tx + h * WARP) % CC * 8 + v]
+                                                for v in T.unroll(8):
+                                                    acc[h, i] = acc[h, i] + T.Cast(
+                                                        "float32", vb[u, h, v]
+                                                    ) * T.Cast("float32", x8[v])
+                            for h in T.unroll(RL):
+                                for i in T.unroll(M):
+                                    for s in T.unroll(LOG_CC):
+                                        acc[h, i] = acc[h, i] + T.tvm_warp_shuffle_down(
+                                            T.tvm_warp_activemask(),
+                                            acc[h, i],
+                                            T.shift_right(CC // 2, s),
+                                            CC,
+                                            WARP,
+                                        )
+                                    if tx % CC == 0:
+                                        red[ty, h, tx // CC, i] = acc[h, i]
+                        T.tvm_storage_sync("shared")
+                        if br < NBR:
+                            for e in T.unroll(-(-(r * M) // TPB)):
+                                if e * TPB + ty * WARP + tx < r * M:
+                                    q = T.meta_var(e * TPB + ty * WARP + tx)  # = row * M + i
+                                    tot[0] = T.float32(0)
+                                    for s in T.unroll(ks):
+                                        tot[0] = (
+                                            tot[0]
+                                            + red[s, q // M // (WARP // CC), q // M % (WARP // CC), q % M]
+                                        )
+                                    y[q % M, br * r + q // M] = T.Cast(xdtype, tot[0])
+                        T.tvm_storage_sync("shared")
+
+    return main
+
+
 @dataclass(eq=False)
 class Packed:
     """W packed for one format's kernels: the arrays (kernel signature order) and the sizes
@@ -532,6 +644,27 @@ def build(
         from . import cuda_mma
 
         return cuda_mma.build(packed.weights["w"], m, target, x_dtype, **params)
+    if fmt == "bsr" and "ks" in params:  # whole blocks per warp load
+        r, c = packed.meta["block"]
+        if (r * c) % 256 or not 1 <= m <= MAX_M:
+            raise fmts.UnfitError(f"the bsr block kernel needs r * c % 256 == 0 and M <= {MAX_M}")
+        sched = {"block": (r, c), "ks": int(params["ks"]), "unroll": int(params.get("unroll", 4))}
+        prim = _bsr_blocks_func(
+            m,
+            n,
+            k,
+            packed.meta["NB"],
+            r,
+            c,
+            x_dtype,
+            sched["ks"],
+            sched["unroll"],
+            int(params.get("sms", 132)),
+        )
+        symbol = _symbol(fmt, m, n, k)
+        return CUDAKernel(
+            fmt, (m, n, k), prim.with_attr("global_symbol", symbol), packed.weights, symbol, x_dtype, sched
+        )
     sched = {
         **SCHEDULE_SPACE[fmt][0],
         **{s: params[s] for s in ("wpb", "rpw", "unroll", "lpr") if s in params},

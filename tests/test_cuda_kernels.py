@@ -98,3 +98,36 @@ def test_kernels_match_numpy_on_gpu(fmt, params, kind, sparsity, x_dtype):
             ref = x.astype(np.float16).astype(np.float64) @ w16.T
             err = np.abs(y.numpy().astype(np.float64) - ref).max() / np.abs(ref).max()
             assert err <= (2e-3 if x_dtype == "float16" else 1e-3), (kern.label, n, k, m, err)
+
+
+def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
+    w = pruned(128, 512, 0.7, 3, "b", (16, 16))
+    first = ck.schedules("bsr", 1, 128, 512, block=(16, 16))[0]
+    assert "ks" in first  # whole blocks per warp load first
+    assert all("ks" not in s for s in ck.schedules("bsr", 1, 128, 512, block=(1, 16)))
+    kern = ck.build("bsr", ck.pack("bsr", w, block=(16, 16)), 4, x_dtype="float16", **first)
+    src = kern.source()
+    assert "*(uint4*)" in src and "__shfl_down_sync" in src
+    with pytest.raises(UnfitError, match="r \\* c % 256"):
+        ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, ks=4)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [(16, 16), (32, 32)])
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+def test_bsr_block_kernel_matches_numpy_on_gpu(block, x_dtype):
+    rng = np.random.default_rng(11)
+    for n, k in [(96, 256), (320, 1024)]:
+        w = pruned(n, k, 0.6, n + k, "b", block)
+        packed = ck.pack("bsr", w, block=block)
+        w16 = w.astype(np.float16).astype(np.float64)
+        for m, ks, unroll in [(1, 8, 2), (3, 3, 4), (16, 1, 2)]:
+            kern = ck.build("bsr", packed, m, x_dtype=x_dtype, ks=ks, unroll=unroll)
+            fn = kern.compile()[kern.symbol]
+            dev = tvm.cuda()
+            x = rng.standard_normal((m, k)).astype(x_dtype)
+            y = tvm.runtime.tensor(np.full((m, n), np.nan, x_dtype), dev)
+            fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in kern.weights.values()], y)
+            ref = x.astype(np.float16).astype(np.float64) @ w16.T
+            err = np.abs(y.numpy().astype(np.float64) - ref).max() / np.abs(ref).max()
+            assert err <= (2e-3 if x_dtype == "float16" else 1e-3), (kern.label, n, k, m, err)
