@@ -181,10 +181,10 @@ def test_fused_kernel_from_tuning_db_runs_in_the_module(tmp_path):
     assert all(f["from_db"] for f in man["fused"])
     md = "\n".join(_codegen_markdown(man))
     assert "Fused kernels" in md and md.count("| fused |") == 2
-    # a record declined before timing (the CUDA kernel's N % 8 != 0) is listed with its reason
-    declined = {"technique": "activation_sparsity", "M": 1, "weight_shape": [64, 60], "threshold": "scalar"}
-    man["fused"].append(declined | {"chosen": "dense", "reason": "the CUDA kernel needs N % 8 == 0"})
-    assert "64x60 | 1 | scalar | – | – | – | – | dense: the CUDA kernel needs N % 8 == 0" in "\n".join(
+    # a record declined before timing (the CUDA kernel's N % 4 != 0) is listed with its reason
+    declined = {"technique": "activation_sparsity", "M": 1, "weight_shape": [64, 62], "threshold": "scalar"}
+    man["fused"].append(declined | {"chosen": "dense", "reason": "the CUDA kernel needs N % 4 == 0"})
+    assert "64x62 | 1 | scalar | – | – | – | – | dense: the CUDA kernel needs N % 4 == 0" in "\n".join(
         _codegen_markdown(man)
     )
     feeds = _feeds(1, seed=5)
@@ -249,8 +249,8 @@ def test_cuda_kernel_rejects_bad_shapes():
 
     with pytest.raises(ValueError, match="M <= 8"):
         act_cuda_func(9, 64, 64)
-    with pytest.raises(ValueError, match="N % 8"):
-        act_cuda_func(1, 60, 64)
+    with pytest.raises(ValueError, match="dividing N"):
+        act_cuda_func(1, 62, 64)
 
 
 @pytest.mark.parametrize(
