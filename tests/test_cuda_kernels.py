@@ -87,17 +87,23 @@ def test_kernels_match_numpy_on_gpu(fmt, params, kind, sparsity, x_dtype):
     for n, k in [(96, 256), (320, 1024)]:
         w = pruned(n, k, sparsity, n + k, kind, params.get("block", (16, 16)))
         packed = ck.pack(fmt, w, **params)
-        w16 = w.astype(np.float16).astype(np.float64)
         for m, sched in [(1, 0), (3, 1), (8, 2), (16, 3)]:
             kern = ck.build(fmt, packed, m, x_dtype=x_dtype, **ck.SCHEDULE_SPACE[fmt][sched])
-            fn = kern.compile()[kern.symbol]
-            dev = tvm.cuda()
-            x = rng.standard_normal((m, k)).astype(x_dtype)
-            y = tvm.runtime.tensor(np.full((m, n), np.nan, x_dtype), dev)
-            fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in kern.weights.values()], y)
-            ref = x.astype(np.float16).astype(np.float64) @ w16.T
-            err = np.abs(y.numpy().astype(np.float64) - ref).max() / np.abs(ref).max()
-            assert err <= (2e-3 if x_dtype == "float16" else 1e-3), (kern.label, n, k, m, err)
+            _assert_matches_on_gpu(kern, w, rng)
+
+
+def _assert_matches_on_gpu(kern, w, rng):
+    """Run `kern` (M, N, K) on the GPU with random X; compare with float64 numpy on the
+    fp16-rounded X and W (module docstring's tolerances)."""
+    m, n, k = kern.shape
+    fn = kern.compile()[kern.symbol]
+    dev = tvm.cuda()
+    x = rng.standard_normal((m, k)).astype(kern.x_dtype)
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, kern.x_dtype), dev)
+    fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in kern.weights.values()], y)
+    ref = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
+    err = np.abs(y.numpy().astype(np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= (2e-3 if kern.x_dtype == "float16" else 1e-3), (kern.label, n, k, m, err)
 
 
 def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
@@ -120,14 +126,6 @@ def test_bsr_block_kernel_matches_numpy_on_gpu(block, x_dtype):
     for n, k in [(96, 256), (320, 1024)]:
         w = pruned(n, k, 0.6, n + k, "b", block)
         packed = ck.pack("bsr", w, block=block)
-        w16 = w.astype(np.float16).astype(np.float64)
         for m, ks, unroll in [(1, 8, 2), (3, 3, 4), (16, 1, 2)]:
             kern = ck.build("bsr", packed, m, x_dtype=x_dtype, ks=ks, unroll=unroll)
-            fn = kern.compile()[kern.symbol]
-            dev = tvm.cuda()
-            x = rng.standard_normal((m, k)).astype(x_dtype)
-            y = tvm.runtime.tensor(np.full((m, n), np.nan, x_dtype), dev)
-            fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in kern.weights.values()], y)
-            ref = x.astype(np.float16).astype(np.float64) @ w16.T
-            err = np.abs(y.numpy().astype(np.float64) - ref).max() / np.abs(ref).max()
-            assert err <= (2e-3 if x_dtype == "float16" else 1e-3), (kern.label, n, k, m, err)
+            _assert_matches_on_gpu(kern, w, rng)
