@@ -18,7 +18,8 @@ without workspaces:
   shared memory (``mapa`` + ``ld.shared::cluster``), in a fixed order, and writes Y. No
   atomics: the result is deterministic, and nothing needs zeroing between calls.
 
-Needs ``N % vec == 0`` and sm_90 (clusters). Function attributes ``tirx.noalias`` and
+Needs ``N % vec == 0`` and sm_90 or newer (clusters); on older GPUs `decide_cuda` keeps
+the dense matmul and says why. Function attributes ``tirx.noalias`` and
 ``tirx.is_scheduled``.
 
 Measured (`benchmarks/act_kernels.py --gpu`, H100, L2 flushed, vs cuBLAS ``F.linear``
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 from tvm.script import tirx as T
 
-__all__ = ["CUDAActKernel", "act_cuda_func", "decide_cuda", "plan"]
+__all__ = ["CUDAActKernel", "act_cuda_func", "decide_cuda", "has_clusters", "plan"]
 
 _COUNTER = itertools.count()
 
@@ -223,6 +224,13 @@ def act_cuda_func(
 
 # --------------------------------------------------------------------------- dispatch
 
+
+def has_clusters(target: Any) -> bool:
+    """True for a CUDA target of compute capability 9.0 or newer (thread-block clusters)."""
+    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
+    return int(digits or 0) >= 90
+
+
 #: fixed cost per call the bytes model charges the fused kernel (compaction + the last
 #: block's pass; the W bytes it skips must pay for it)
 MODEL_FIXED_SECONDS = 3e-6
@@ -261,9 +269,13 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
         rec = dict(stored, from_db=True)
         cache[key] = (chosen(rec["kernel"]) if rec["chosen"] == "fused" else None, rec)
         return cache[key]
-    if n % 4:
+    declined = (
+        "the CUDA kernel needs sm_90+ (thread-block clusters)" if not has_clusters(ctx.target)
+        else "the CUDA kernel needs N % 4 == 0" if n % 4 else None
+    )  # fmt: skip
+    if declined:
         return None, {"technique": "activation_sparsity", "M": m, "weight_shape": [k, n], "threshold": kind,
-                      "chosen": "dense", "reason": "the CUDA kernel needs N % 4 == 0"}  # fmt: skip
+                      "chosen": "dense", "reason": declined}  # fmt: skip
     x_s, x_g = ak.probe_inputs(th32, m, s)
     wsp = float(1 - np.count_nonzero(w) / w.size)
     if measured:

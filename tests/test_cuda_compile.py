@@ -263,6 +263,16 @@ def test_act_sparse_pattern_is_decided_for_cuda(tmp_path):
     assert (tmp_path / "b" / "module.so").stat().st_size > 0
 
 
+def test_act_sparse_pattern_stays_dense_before_sm90(tmp_path):
+    """The fused kernel sums over a thread-block cluster (sm_90+): an sm_80 target keeps every
+    thresholded matmul dense, with the reason in the report."""
+    path, _, _ = _act_mlp(tmp_path)
+    target = resolve_target('{"kind": "cuda", "arch": "sm_80"}')
+    man = compile_cuda(path, tmp_path / "a", target=target, db_path=tmp_path / "a.json")
+    act = [f for f in man["fused"] if f.get("technique") == "activation_sparsity"]
+    assert len(act) == 2 and all(f["chosen"] == "dense" and "sm_90" in f["reason"] for f in act)
+
+
 @needs_gpu
 def test_act_sparse_fused_kernel_runs_in_the_cuda_module(tmp_path):
     """The forced fused kernels inside the compiled module on the GPU match onnxruntime on the
