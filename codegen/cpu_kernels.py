@@ -430,6 +430,17 @@ def _dense_func(M, N, K, mt, nmt, nb, ku, pf=0, pp=1):
     KO, KT = K // ku, K % ku
     NTAIL = N - (NP - 1) * nb if N % nb else 0
 
+    @T.macro
+    def accumulate(acc, X, Wp, mo, p0, kk):  # acc += X[rows of m tile mo, kk] * the panels' row kk
+        for g in T.unroll(pp):
+            for i in T.unroll(mt):
+                for v in T.unroll(NV):
+                    acc[g, i, T.Ramp(v * 16, 1, 16)] = (
+                        acc[g, i, T.Ramp(v * 16, 1, 16)]
+                        + T.Broadcast(X[T.min(mo * mt + i, M - 1), kk], 16)
+                        * Wp[p0 + g, kk, T.Ramp(v * 16, 1, 16)]
+                    )
+
     @T.prim_func
     def main(
         X: T.Buffer((M, K), "float32"),
@@ -452,24 +463,10 @@ def _dense_func(M, N, K, mt, nmt, nb, ku, pf=0, pp=1):
                         for q in T.unroll(ku * nb // 16):
                             _prefetch(Wp[p0 + g, T.min(ko * ku + pf + q * 16 // nb, K - 1), q * 16 % nb])
                 for ki in T.unroll(ku):
-                    for g in T.unroll(pp):
-                        for i in T.unroll(mt):
-                            for v in T.unroll(NV):
-                                acc[g, i, T.Ramp(v * 16, 1, 16)] = (
-                                    acc[g, i, T.Ramp(v * 16, 1, 16)]
-                                    + T.Broadcast(X[T.min(mo * mt + i, M - 1), ko * ku + ki], 16)
-                                    * Wp[p0 + g, ko * ku + ki, T.Ramp(v * 16, 1, 16)]
-                                )
+                    accumulate(acc, X, Wp, mo, p0, ko * ku + ki)
             if KT > 0:
                 for ki in T.unroll(KT):
-                    for g in T.unroll(pp):
-                        for i in T.unroll(mt):
-                            for v in T.unroll(NV):
-                                acc[g, i, T.Ramp(v * 16, 1, 16)] = (
-                                    acc[g, i, T.Ramp(v * 16, 1, 16)]
-                                    + T.Broadcast(X[T.min(mo * mt + i, M - 1), KO * ku + ki], 16)
-                                    * Wp[p0 + g, KO * ku + ki, T.Ramp(v * 16, 1, 16)]
-                                )
+                    accumulate(acc, X, Wp, mo, p0, KO * ku + ki)
             for g in T.unroll(pp):
                 for i in T.unroll(mt):
                     if mo * mt + i < M:
