@@ -18,9 +18,9 @@ One PrimFunc, two phases:
    (``schedule["layout"]``), each contiguous per input channel:
 
    * ``rows`` (default): W as ONNX stores it; a task of ``tile`` outputs adds
-     ``XS[j, i] * W[IDX[j], tile]`` (``k_unroll`` channels per step) into an L1 accumulator
-     ``[M, tile]``, with a software prefetch of the next step's rows (the hardware
-     prefetcher cannot follow the gaps);
+     ``XS[j, i] * W[IDX[j], tile]`` (``k_unroll`` channels per step) into an accumulator
+     ``[M, tile]`` (at M = 1 and the default 256 outputs: 16 zmm registers), with a software
+     prefetch of the rows ``prefetch`` steps ahead (the hardware prefetcher cannot follow the gaps);
    * ``strips``: W packed as column strips ``Ws[N/tile, K, tile]``, same loop: a task then
      streams one strip in increasing address order, skipping inactive channels' rows;
    * ``panel``: the dense kernel's ``Wp[N/nb, K, nb]`` (`cpu_kernels.pack_dense_panels`)
@@ -42,15 +42,17 @@ density).
 Both builders return a `cpu_kernels.CPUKernel` whose first weight array is the threshold
 vector ``T[K]`` (so ``kernel.weights`` is what a Relax ``call_tir`` passes after X).
 
-Measured (`benchmarks/act_kernels.py`, cold cache, 2 threads, 2026-11-26 on a shared 2-core
-Zen 5 under load 3-5, so +-30 %): M = 1 vs onnxruntime dense, W 4096x11008 / 11008x4096:
-1.87x / 2.85x at 50 % activation sparsity, 2.48x / 4.88x at 70 %, 6.5x / 15.6x at 90 %;
-vs our dense kernel 1.37x / 1.75x at 50 %. With every channel active the fused kernel is
-0.64-0.84x our dense kernel (index indirection, L1 accumulator traffic), which is why the
-rewrite guards with the all-active time. M = 4 with independent rows: the union is 0.93 of
-the channels at 50 %, and the fused kernels reach 0.5-0.97x dense, so dispatch keeps dense
-there. The weight-sparse variant beat the weight-only bitmap kernel only at 70 %
-activation sparsity (1.2-1.4x); at 50 % its short per-channel runs lose (0.5-0.9x).
+Measured (`benchmarks/act_kernels.py`, cold cache, 2 threads, 2026-11-26 07:44 UTC on a shared
+2-core Zen 5 guest, load 0.9-1.7): M = 1 vs onnxruntime dense, W 4096x11008 / 11008x4096:
+2.06x / 1.88x at 50 % activation sparsity, 3.81x / 3.37x at 70 %, 11.4x / 9.3x at 90 %;
+vs our dense kernel 1.80x / 1.75x at 50 %. The rows layout's 256-output tile (16 register
+accumulators, k_unroll 4) made the difference: the earlier 512-output tile (accumulator in L1, a rolled
+loop) was 2.38x / 2.73x at 70 %. With every channel active the fused kernel is 0.95x our dense
+kernel at M = 1 (index indirection), which is why the rewrite guards with a denser input.
+M = 4 with independent rows: the union is 0.93 of the channels at 50 %, and the fused kernels
+reach 0.70-0.91x dense up to 70 %, so dispatch keeps dense there. The weight-sparse variant beat the
+weight-only bitmap kernel only at 70 % activation sparsity (1.6x); at 50 % 1.0-1.06x.
+Weights on 2 MB pages (`hugepages.py`) gave 0-4 % on top (strips: 2-17 %).
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def _act_dense_func(M, N, K, nb, mt, nmt, jc, pf):
 
 def _act_rows_func(M, N, K, tn, ku, pf):
     """Row variant: W as ONNX stores it (``W[K, N]``, one contiguous row per channel); tasks
-    of ``tn`` outputs read a ``4 * tn``-byte run of each active row into an L1 accumulator."""
+    of ``tn`` outputs read a ``4 * tn``-byte run of each active row into an accumulator (in
+    registers when ``M * tn / 16`` fits them, e.g. M = 1 and tn = 256 on AVX-512)."""
     NT = -(-N // tn)
     NV = tn // 16
     LAST = N - (NT - 1) * tn  # outputs of the last tile
@@ -391,6 +394,12 @@ def _act_bitmap_func(M, N, K, nb, NV_, mt, pf):
     return main
 
 
+#: default (tile, k_unroll) of the rows and strips layouts. rows: 256 outputs = 16 zmm
+#: accumulators at M = 1, which LLVM keeps in registers (512 leaves them in L1, a rolled
+#: loop: 1.3-1.5x slower at 50-70 % sparsity on Zen 5, cold, interleaved); strips: 256 did
+#: not beat 512 there
+ROW_DEFAULTS = {"rows": (256, 4), "strips": (512, 2)}
+
 #: compiled shape-specialised PrimFuncs of `build_act_dense`, by (target, M, N, K, schedule)
 _COMPILED: dict[tuple, tuple[Any, Any]] = {}
 
@@ -417,8 +426,9 @@ def build_act_dense(
 
     `w_onnx` is ``W[K, N]`` as ONNX stores it, `t` the threshold (scalar or ``[K]``).
     Schedule: ``layout`` (``"rows"``, the default: W as is, tasks of ``tile`` outputs with an
-    L1 accumulator (tiles balanced over the target's cores), ``k_unroll`` active channels
-    per step; ``"panel"``: ``Wp[N/nb, K, nb]``
+    accumulator (tiles balanced over the target's cores), ``k_unroll`` active channels
+    per step, defaults in `ROW_DEFAULTS`; ``"strips"``: the same over `pack_strips`;
+    ``"panel"``: ``Wp[N/nb, K, nb]``
     with register accumulators, ``n_panel``, ``m_tile`` (default ``min(M, 4)``),
     ``j_chunk``), ``prefetch`` (software prefetch distance, in steps of ``k_unroll`` active
     channels for "rows" (default 1), in channels for "panel" (default 4); 0 = off)."""
@@ -429,20 +439,21 @@ def build_act_dense(
     target = ck._resolve_target(target)
     k, n = a.shape
     sch = ck._merge_schedule(
-        {"layout": "rows", "tile": 512, "k_unroll": 2, "n_panel": 64, "m_tile": None, "j_chunk": 64,
+        {"layout": "rows", "tile": None, "k_unroll": None, "n_panel": 64, "m_tile": None, "j_chunk": 64,
          "prefetch": None},
         schedule,
         "act",
     )  # fmt: skip
     th = thresholds(t, k)
     if sch["layout"] in ("rows", "strips"):
-        tn = int(sch["tile"])
+        tile, k_unroll = ROW_DEFAULTS[sch["layout"]]
+        tn = int(sch["tile"] or tile)
         if tn < 16 or tn % 16:
             raise ValueError(f"act tile must be a positive multiple of 16; got {tn}")
         cores = max(1, int(target.attrs.get("num-cores", 1) or 1))
         tasks = _ceil(_ceil(n, tn), cores) * cores  # balanced: a multiple of the thread count
         tn = max(16, _ceil(_ceil(n, tasks), 16) * 16)
-        ku = max(1, int(sch["k_unroll"]))
+        ku = max(1, int(sch["k_unroll"] or k_unroll))
         pf = int(1 if sch["prefetch"] is None else sch["prefetch"])
         sch = {"layout": sch["layout"], "tile": tn, "k_unroll": ku, "prefetch": pf}
         if sch["layout"] == "rows":

@@ -45,6 +45,7 @@ def _check(kern, x, t, w):
     ("m", "k", "n", "sparsity", "per_channel", "schedule"),
     [
         (1, 300, 1040, 0.5, False, None),  # rows layout, partial last tile
+        (1, 300, 1040, 0.7, True, {"tile": 512, "k_unroll": 2}),  # accumulator in L1, not registers
         (1, 64, 37, 0.9, True, None),  # N not a multiple of 16
         (4, 257, 200, 0.7, True, {"k_unroll": 1, "prefetch": 0}),
         (8, 128, 96, 0.25, False, {"tile": 64}),
