@@ -10,7 +10,8 @@ rows' active channels, so the *union density* (reported) is what sets its cost.
 CPU (this machine, fp32, 2 threads): M in {1, 4}, s in {0, 25, 50, 70, 90} %; baselines
 onnxruntime dense MatMul (one session per weight copy, no spinning) and our dense packed
 kernel (`cpu_kernels.build_dense`); also the weight-sparse variant (`build_act_bitmap`, W 50 %
-magnitude-pruned) at M = 1 vs the weight-sparse bitmap kernel alone. Cold cache as in
+magnitude-pruned) at M = 1 vs the weight-sparse bitmap kernel alone; and at M = 1, 50 / 70 %,
+the kernels with their weights on 4 KB vs 2 MB pages (`codegen/hugepages.py`). Cold cache as in
 `benchmarks/cpu_kernels.py` (whose helpers this imports): every method cycles through >= 4
 copies and >= 128 MB of its weights; the dense references are timed right before and after
 each cell and the faster is used.
@@ -331,7 +332,83 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         if 1 in args.ms and not args.quick:  # weight-sparse variant: W 50 % pruned, M = 1
             cells += _weight_sparse_cells(args, ak, ck, target, w, rng, timed, copies, shape)
         copies.clear()
+        if 1 in args.ms and args.page_rounds > 0:
+            cells += _page_cells(args, ak, ck, target, w, rng, sessions, nc, timed, shape)
     return {"cells": cells}
+
+
+PAGE_METHODS = (
+    "ORT",
+    "dense 4k",
+    "dense huge",
+    "rows 4k",
+    "rows huge",
+    "strips 4k",
+    "strips huge",
+    "rows512 4k",
+)
+
+
+def _page_cells(args, ak, ck, target, w, rng, sessions, nc, timed, shape):
+    """M = 1 at 50 % and 70 %: our dense and fused kernels with their weight copies on 4 KB
+    pages (``tvm.runtime.tensor``, what a compiled model uses today) and on 2 MB pages
+    (`hugepages.hugepage_tensor`), and the rows layout's previous default (tile 512,
+    k_unroll 2); every method timed `args.page_rounds` times, interleaved (order reversed
+    every round), median."""
+    import tvm
+    from cpu_kernels import n_copies
+
+    from sparsegraph.codegen.hugepages import anon_hugepage_bytes, hugepage_tensor
+
+    k, n = w.shape
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    pages = {"4k": lambda a: tvm.runtime.tensor(np.ascontiguousarray(a)), "huge": hugepage_tensor}
+
+    def method(kern, page, copies):
+        sets = [[pages[page](a) for a in kern.weights.values()] for _ in range(copies)]
+        fn, argsets = kern.executable[kern.symbol], [(kern.args[0], *ws, kern.args[-1]) for ws in sets]
+        return (lambda i: fn(*argsets[i])), copies
+
+    dense = ck.build_dense(np.ascontiguousarray(w.T), 1, target)
+    dense(x)
+    base = {"ORT": ((lambda i: sessions[i].run(None, {"X": x})), nc)}
+    base |= {f"dense {pg}": method(dense, pg, nc) for pg in pages}
+    out = []
+    for s in (0.5, 0.7):
+        thr = threshold_for(x, s)
+        dens = union_density(x, thr)
+        fc = n_copies(w.nbytes, args.min_mb / max(dens, 0.05), args.min_copies)
+        ref = ak.reference(x, thr, w)
+        meths, errs = dict(base), []
+        for name, sch in (
+            ("rows", {}),
+            ("strips", {"layout": "strips"}),
+            ("rows512", {"tile": 512, "k_unroll": 2}),
+        ):
+            kern = ak.build_act_dense(w, thr, 1, target, schedule=sch)
+            errs.append(float(np.abs(kern(x) - ref).max() / max(np.abs(ref).max(), 1e-30)))
+            for pg in ("4k",) if name == "rows512" else pages:
+                meths[f"{name} {pg}"] = method(kern, pg, fc)
+        huge_mb = anon_hugepage_bytes() / 2**20
+        times: dict[str, list[float]] = {name: [] for name in PAGE_METHODS}
+        for r in range(args.page_rounds):
+            for name in PAGE_METHODS if r % 2 == 0 else PAGE_METHODS[::-1]:
+                times[name].append(timed(*meths[name]))
+        ms = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+        cell = {
+            "shape": shape, "k": k, "n": n, "m": 1, "sparsity": s, "kernel": "pages",
+            "union_density": dens, "ms": ms, "rounds": args.page_rounds, "anon_huge_mb": huge_mb,
+            "max_rel_err": max(errs), "load": os.getloadavg()[0],
+        }  # fmt: skip
+        out.append(cell)
+        print(
+            f"pages M=1 s={s:.2f} "
+            + " ".join(f"{k_} {v:.2f}" for k_, v in ms.items())
+            + f" (AnonHugePages {huge_mb:.0f} MB) load {cell['load']:.1f}",
+            flush=True,
+        )
+        del meths
+    return out
 
 
 def _weight_sparse_cells(args, ak, ck, target, w, rng, timed, copies, shape):
@@ -404,7 +481,7 @@ def cpu_markdown(res: dict[str, Any]) -> str:
             f"| {c['vs_tvm_dense']:.2f} | {', '.join(f'{k} {v:.2f}' for k, v in c['layouts_ms'].items())} "
             f"| {c['max_rel_err']:.1e} | {c['load']:.1f} |"
         )
-    ws = [c for c in res["cells"] if c["kernel"] != "act_dense"]
+    ws = [c for c in res["cells"] if c["kernel"] not in ("act_dense", "pages")]
     if ws:
         lines += [
             "",
@@ -419,6 +496,31 @@ def cpu_markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['shape']} | {c['sparsity']:.0%} | {c['bitmap_ms']:.2f} | {c['fused_ms']:.2f} "
                 f"| **{c['vs_bitmap']:.2f}** | {c['max_rel_err']:.1e} |"
+            )
+    pg = [c for c in res["cells"] if c["kernel"] == "pages"]
+    if pg:
+        lines += [
+            "",
+            "Page size (M = 1): each kernel with its weight copies on 4 KB pages (`tvm.runtime.tensor`, "
+            "what a compiled model uses today) and on 2 MB transparent huge pages "
+            "(`codegen/hugepages.hugepage_tensor`), and *rows512* = the rows layout's previous default "
+            f"(tile 512, k_unroll 2; the L1 accumulator). Every method timed {pg[0]['rounds']} times, "
+            "interleaved, median; ms. *AnonHugePages* = this process's memory on huge pages then.",
+            "",
+            "| K x N | act. sparsity | ORT | dense 4k | dense huge | rows 4k | rows huge | strips 4k "
+            "| strips huge | rows512 4k | rows × ORT 4k / huge | rows × dense (same pages) 4k / huge "
+            "| huge-page gain dense / rows / strips | AnonHugePages MB | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in pg:
+            t = c["ms"]
+            lines.append(
+                f"| {c['shape']} | {c['sparsity']:.0%} | "
+                + " | ".join(f"{t[k]:.2f}" for k in PAGE_METHODS)
+                + f" | **{t['ORT'] / t['rows 4k']:.2f}** / **{t['ORT'] / t['rows huge']:.2f}** "
+                f"| {t['dense 4k'] / t['rows 4k']:.2f} / {t['dense huge'] / t['rows huge']:.2f} "
+                f"| {t['dense 4k'] / t['dense huge']:.2f} / {t['rows 4k'] / t['rows huge']:.2f} "
+                f"/ {t['strips 4k'] / t['strips huge']:.2f} | {c['anon_huge_mb']:.0f} | {c['load']:.1f} |"
             )
     lines += ["", "The Llama decoder with 50 % activation sparsity: `benchmarks/act_llama_decoder.py`."]
     return "\n".join(lines) + "\n"
@@ -470,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-time", type=float, default=0.25)
     p.add_argument("--max-time", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--page-rounds", type=int, default=3, help="rounds of the page-size table (0 = skip it)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     args.shapes = args.shapes.split(",")
