@@ -635,7 +635,7 @@ def decision_key(
     h = hashlib.sha1(memoryview(np.ascontiguousarray(w_onnx)).cast("B"))  # no copy of the weight
     h.update(memoryview(np.ascontiguousarray(th)).cast("B"))
     digest = h.hexdigest()[:16]
-    key = f"{_target_key(target)}|act_sparse2|M{m}|K{k}|N{n}|{digest}|{cold}"  # 2: the guard's rule
+    key = f"{_target_key(target)}|act_sparse3|M{m}|K{k}|N{n}|{digest}|{cold}"  # 3: rows tile 256
     return key if sparsity is None else f"{key}|s{sparsity:.4f}"
 
 
