@@ -72,7 +72,7 @@ def compile_cuda(
     """
     import tvm
 
-    from . import relax_build
+    from . import cublas, relax_build
     from .cuda_dispatch import CUDADispatcher, gpu_visible
     from .dispatch import TuningDB
     from .rewrites import RewriteContext, pattern_rewrites
@@ -95,7 +95,7 @@ def compile_cuda(
             name, w = weights[key]
             kernel = None if tag in dense_tags else dispatcher.kernel(name, w, m)
             if kernel is not None:
-                used.add(kernel.symbol)
+                used.add(kernel.extern or kernel.symbol)
             return kernel
 
         used.clear()
@@ -139,6 +139,7 @@ def compile_cuda(
         "kernels_swapped": len(swaps),
         "kernel_formats": sorted({fmt for _, _, fmt in swaps}),
         "kernel_symbols": sorted(used),
+        "extern_functions": sorted(used & {cublas.FUNC}),  # `runtime.Session` registers them
         "fused": fused,
         "compile_seconds": round(time.perf_counter() - start, 2),
         "tuning_db": {"path": str(db.path), "hits": db.hits},

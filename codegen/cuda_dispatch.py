@@ -79,10 +79,10 @@ def _kernels():
 
 
 def _x_dtype(fmt: str) -> str:
-    """X's dtype in a kernel of `fmt`: the model's float32, except the tensor-core GEMM, which
-    takes fp16 X (its wgmma schedules need it; the compiled graph casts X to fp16 and Y back,
-    see `relax_build`)."""
-    return "float16" if fmt == "mma" else "float32"
+    """X's dtype in a kernel of `fmt`: the model's float32, except the tensor-core GEMM and
+    cuBLAS, which take fp16 X (wgmma and ``cublasGemmEx`` need X and W of one dtype; the
+    compiled graph casts X to fp16 and Y back, see `relax_build`)."""
+    return "float16" if fmt in ("mma", "cublas") else "float32"
 
 
 def _label(fmt: str, params: dict[str, Any]) -> str:
@@ -241,8 +241,29 @@ class GPUTimer:
         x = self._rng.standard_normal((m, k)).astype(kernel.x_dtype)
         args = [tvm.runtime.tensor(x, self.dev)]
         args += [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in kernel.weights.values()]
+        if kernel.extern:
+            return self._time_extern(kernel, args, (m, n))
         args.append(tvm.runtime.empty((m, n), kernel.x_dtype, self.dev))
         return self._time(kernel.prim_func, kernel.symbol, args)
+
+    def _time_extern(self, kernel: Any, args: list, y_shape: tuple[int, int]) -> float:
+        """A kernel that is a registered packed function, called as a compiled model calls it
+        (``call_dps_packed`` in a Relax VM function), timed like the others."""
+        import tvm
+        from tvm import relax
+
+        kernel.function()  # registers it
+        bb = relax.BlockBuilder()
+        params = [relax.Var(f"a{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(args)]
+        with bb.function("main", params):
+            out_ty = relax.TensorType(y_shape, kernel.x_dtype)
+            bb.emit_func_output(bb.emit(relax.call_dps_packed(kernel.extern, params, out_ty=out_ty)))
+        with self.target:
+            vm = relax.VirtualMachine(tvm.compile(bb.get(), self.target), self.dev)
+        evaluator = vm.time_evaluator(
+            "main", self.dev, number=1, repeat=self.repeat, f_preproc="sparsegraph.flush_l2"
+        )
+        return float(statistics.median(evaluator(*args).results))
 
     def dense(self, w: np.ndarray, m: int) -> float:
         """The dense matmul as the model runs it: `X[m, K] @ W_onnx[K, N]` in W's dtype, dlight-scheduled."""

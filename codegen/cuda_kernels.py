@@ -89,17 +89,18 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
     **{f: _SHORT_ROW_SCHEDULES for f in ("csr", "dcsr", "nm")},
     "dlight": [{}],
     "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
+    "cublas": [{}],  # `cublas.gemm` through a packed function, where a libcublas loads
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
 MMA_MIN_M = 4
 
 
 def schedules(
-    fmt: str, m: int, n: int, k: int, target: Any = None, block: tuple[int, int] | None = None, **_: Any
+    fmt: str, m: int, n: int, k: int, target: Any = None, /, block: tuple[int, int] | None = None, **_: Any
 ) -> list[dict[str, int]]:
     """The schedules dispatch may time for `fmt` at (M, N, K) (and `fmt`'s packing
-    parameters, e.g. a bsr `block`), the best first (for ``mma``: fp16 X, the Hopper wgmma
-    ones only for an sm_90a `target`)."""
+    parameters, e.g. a bsr `block`, an nm ``n``: hence positional-only shapes), the best
+    first (for ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`)."""
     if fmt == "mma":
         from . import cuda_mma
 
@@ -149,6 +150,7 @@ class CUDAKernel:
     symbol: str
     x_dtype: str
     schedule: dict[str, Any] = field(default_factory=dict)
+    extern: str | None = None  # a registered packed function instead of `prim_func` (cuBLAS)
 
     @property
     def nbytes(self) -> int:
@@ -166,6 +168,15 @@ class CUDAKernel:
         mod = tvm.IRModule({self.symbol: self.prim_func})
         with target:
             return tvm.compile(mod, target=target)
+
+    def function(self, target: Any = None) -> Any:
+        """The kernel as a callable ``f(x, *weights, y)``: compiled, or the extern function."""
+        if self.extern:
+            from . import cublas
+
+            cublas.register()
+            return tvm.get_global_func(self.extern)
+        return self.compile(target)[self.symbol]
 
     def source(self, target: Any = None) -> str:
         """The generated CUDA C source (no GPU needed)."""
@@ -576,7 +587,7 @@ def pack(fmt: str, w: Any, **params: Any) -> Packed:
     n, k = a16.shape
     if fmt not in SCHEDULE_SPACE:
         raise fmts.UnfitError(f"no CUDA kernel for format {fmt!r}")
-    if fmt in ("dlight", "mma"):
+    if fmt in ("dlight", "mma", "cublas"):
         return Packed(fmt, (n, k), {"w": np.ascontiguousarray(a16)}, {})
     if k % 8:
         raise fmts.UnfitError(f"CUDA row kernels need K % 8 == 0; K = {k}")
@@ -644,6 +655,13 @@ def build(
         from . import cuda_mma
 
         return cuda_mma.build(packed.weights["w"], m, target, x_dtype, **params)
+    if fmt == "cublas":
+        from . import cublas
+
+        if x_dtype != "float16":
+            raise fmts.UnfitError("the cuBLAS candidate takes fp16 X (the graph casts it)")
+        symbol = f"cublas_m{m}_n{n}_k{k}"
+        return CUDAKernel(fmt, (m, n, k), None, packed.weights, symbol, x_dtype, {}, cublas.FUNC)
     if fmt == "bsr" and "ks" in params:  # whole blocks per warp load
         r, c = packed.meta["block"]
         if (r * c) % 256 or not 1 <= m <= MAX_M:
@@ -698,13 +716,17 @@ def candidates(
 ) -> list[tuple[str, dict[str, Any]]]:
     """(format, params) of the kernels that can run ``w[N, K]`` at M = m: dense (our row
     kernel at M <= 16, our tensor-core kernel `cuda_mma` at M >= `MMA_MIN_M` where its
-    tiles fit, TVM's dlight) and, at M <= 16, the sparse formats whose pattern W fits
-    (`sparse_formats`; pass them as `sparse` to reuse them across M)."""
+    tiles fit, TVM's dlight, cuBLAS where a libcublas loads) and, at M <= 16, the sparse
+    formats whose pattern W fits (`sparse_formats`; pass them as `sparse` to reuse them
+    across M)."""
+    from . import cublas
+
     n, k = w.shape
     mma = [("mma", {})] if m >= MMA_MIN_M and schedules("mma", m, n, k) else []
+    dense = [*mma, ("dlight", {}), *([("cublas", {})] if cublas.available() else [])]
     if not 1 <= m <= MAX_M:
-        return [*mma, ("dlight", {})]
-    return [("dense", {}), *mma, ("dlight", {}), *(sparse_formats(w) if sparse is None else sparse)]
+        return dense
+    return [("dense", {}), *dense, *(sparse_formats(w) if sparse is None else sparse)]
 
 
 def sparse_formats(w: np.ndarray) -> list[tuple[str, dict[str, Any]]]:

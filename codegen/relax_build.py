@@ -139,7 +139,8 @@ def _import_source(model: Model) -> tuple[onnx.ModelProto, dict[str, tvm.runtime
 
 @relax.expr_functor.mutator
 class _SwapLinear(relax.PyExprMutator):
-    """Replace `matmul(x, const W)` by `call_tir(kernel, x2d, *packed)` where `choose` gives a kernel."""
+    """Replace `matmul(x, const W)` by `call_tir(kernel, x2d, *packed)` where `choose` gives a
+    kernel (`call_dps_packed` for a kernel that is a registered function, `kernel.extern`)."""
 
     def __init__(self, mod: tvm.IRModule, choose: Callable[[str, int, str], Any], keys: set[str]):
         super().__init__(mod)
@@ -170,16 +171,20 @@ class _SwapLinear(relax.PyExprMutator):
         kernel = self.choose(key, m, self._tag)
         if kernel is None:
             return call
+        extern = getattr(kernel, "extern", None)  # a registered packed function (cuBLAS)
         symbol = kernel.symbol
-        if symbol not in self._gvars:
+        if extern is None and symbol not in self._gvars:
             self._gvars[symbol] = self.builder_.add_func(kernel.prim_func, symbol)
         x2d = self.builder_.emit(relax.op.reshape(x, [m, k])) if len(x_shape) != 2 else x
         xd = getattr(kernel, "x_dtype", "float32")  # a kernel taking fp16 X: cast X, and Y back
         if xd != "float32":
             x2d = self.builder_.emit(relax.op.astype(x2d, xd))
         consts = [relax.const(as_tvm(a)) for a in kernel.weights.values()]  # no copy of aligned arrays
+        out_ty = relax.TensorType([m, n], xd)
         y = self.builder_.emit(
-            relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=relax.TensorType([m, n], xd))
+            relax.call_dps_packed(extern, [x2d, *consts], out_ty=out_ty)
+            if extern
+            else relax.call_tir(self._gvars[symbol], [x2d, *consts], out_ty=out_ty)
         )
         if xd != "float32":
             y = self.builder_.emit(relax.op.astype(y, "float32"))

@@ -41,6 +41,7 @@ class Session:
                 f"{folder}: not a compiled model folder (needs {MODULE}, {PARAMS} and {MANIFEST})"
             )
         self.manifest = json.loads(manifest_path.read_text())
+        self._register_externs(folder)
         import tvm
         from tvm import relax
 
@@ -92,6 +93,20 @@ class Session:
                 "(needs an NVIDIA driver and TVM's CUDA runtime)"
             )
         return dev
+
+    def _register_externs(self, folder: Path) -> None:
+        """Register the packed functions the module calls by name (cuBLAS, `codegen.cublas`)."""
+        from sparsegraph.codegen import cublas
+
+        for name in self.manifest.get("extern_functions", []):
+            if name != cublas.FUNC:
+                raise UsageError(f"{folder}: the module calls {name!r}, which sparsegraph does not provide")
+            if not cublas.available():
+                raise UsageError(
+                    f"{folder}: the module calls cuBLAS ({name}), but no libcublas loads here "
+                    "(install the CUDA toolkit or the nvidia-cublas wheel, or set SPARSEGRAPH_CUBLAS)"
+                )
+            cublas.register()
 
     def get_inputs(self) -> list[str]:
         return [i["name"] for i in self.manifest["inputs"]]

@@ -62,11 +62,14 @@ def test_kernels_build_with_vector_loads(fmt, params, kind, sparsity):
 
 
 def test_candidates_and_unfit():
+    from sparsegraph.codegen import cublas
+
+    vendor = ["cublas"] if cublas.available() else []  # where a libcublas loads
     dense = pruned(64, 256, 0.0, 1)
-    assert [f for f, _ in ck.candidates(dense, 1)] == ["dense", "dlight"]
-    assert [f for f, _ in ck.candidates(dense, 4)] == ["dense", "mma", "dlight"]
-    assert [f for f, _ in ck.candidates(dense, 64)] == ["mma", "dlight"]
-    assert [f for f, _ in ck.candidates(pruned(40, 256, 0.0, 1), 64)] == ["dlight"]  # no mma tile fits N
+    assert [f for f, _ in ck.candidates(dense, 1)] == ["dense", "dlight", *vendor]
+    assert [f for f, _ in ck.candidates(dense, 4)] == ["dense", "mma", "dlight", *vendor]
+    assert [f for f, _ in ck.candidates(dense, 64)] == ["mma", "dlight", *vendor]
+    assert [f for f, _ in ck.candidates(pruned(40, 256, 0.0, 1), 64)] == ["dlight", *vendor]  # no mma tile
     sparse = pruned(64, 256, 0.7, 1)
     assert {"dcsr", "csr"} <= {f for f, _ in ck.candidates(sparse, 4)}
     assert ("nm", {"n": 2}) in ck.candidates(pruned(64, 256, 0.5, 1, "nm"), 1)
@@ -111,6 +114,8 @@ def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
     first = ck.schedules("bsr", 1, 128, 512, block=(16, 16))[0]
     assert "ks" in first  # whole blocks per warp load first
     assert all("ks" not in s for s in ck.schedules("bsr", 1, 128, 512, block=(1, 16)))
+    # packing parameters pass through as keywords, an nm format's `n` included
+    assert ck.schedules("nm", 1, 128, 512, None, **{"n": 2}) == ck.SCHEDULE_SPACE["nm"]
     kern = ck.build("bsr", ck.pack("bsr", w, block=(16, 16)), 4, x_dtype="float16", **first)
     src = kern.source()
     assert "*(uint4*)" in src and "__shfl_down_sync" in src
