@@ -58,8 +58,11 @@ class Session:
                 f"{folder / MODULE}: cannot be loaded here ({str(exc).splitlines()[0]})"
             ) from None
         self._vm = relax.VirtualMachine(module, self.device)
-        with np.load(folder / PARAMS) as stored:  # weights, loaded once, shared by all buckets
-            self._params = {name: tvm.runtime.tensor(stored[name], self.device) for name in stored.files}
+        from sparsegraph.codegen.hugepages import hugepage_tensor
+
+        with np.load(folder / PARAMS) as stored:  # weights, loaded once, shared by all buckets;
+            # on the CPU on huge pages where the OS grants them (1-4 % on the decoder, `hugepages`)
+            self._params = {name: hugepage_tensor(stored[name], self.device) for name in stored.files}
         self._buckets = {
             tuple(tuple(b["shapes"][i["name"]]) for i in self.manifest["inputs"]): b
             for b in self.manifest["buckets"]
