@@ -240,13 +240,15 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
     """The CUDA counterpart of `act_kernels._decide` (same record, same `GUARD` rule):
     the fused kernel for W_onnx[K, N] (fp16 in the kernel), thresholds th[K] and M = m,
     against the dense matmul the model would run otherwise -- the best of dlight on the
-    model's float32 W and our fp16 dense row kernel (`cuda_kernels`). Measured on the GPU
-    (L2 flushed, `cuda_dispatch.GPUTimer`) when one is visible, at the model's calibrated
-    activation sparsity (else `ASSUMED_SPARSITY`) and at `GUARD_FRACTION` of it; without a
-    GPU a bytes model decides (fp16 W bytes of the union of active channels over the M
-    rows, plus `MODEL_FIXED_SECONDS`), and the record says ``measured: false``. Decisions
-    go to ``ctx.db`` under keys that say whether they were measured."""
+    model's float32 W, our fp16 dense row kernel (`cuda_kernels`) and cuBLAS where it
+    loads. Measured on the GPU (L2 flushed, `cuda_dispatch.GPUTimer`) when one is
+    visible, at the model's calibrated activation sparsity (else `ASSUMED_SPARSITY`) and
+    at `GUARD_FRACTION` of it; without a GPU a bytes model decides (fp16 W bytes of the
+    union of active channels over the M rows, plus `MODEL_FIXED_SECONDS`), and the record
+    says ``measured: false``. Decisions go to ``ctx.db`` under keys that say whether they
+    were measured."""
     from . import act_kernels as ak
+    from . import cublas
     from . import cuda_kernels as ck
     from .cuda_dispatch import MODEL_BANDWIDTH, GPUTimer, gpu_visible
 
@@ -287,6 +289,8 @@ def decide_cuda(ctx: Any, w: np.ndarray, th: np.ndarray, m: int, kind: str, cach
         dense_s = {"dlight": timer.dense(w_nk, m)}
         if row is not None:
             dense_s["dense_fp16"] = timer.kernel(row, m, k)
+        if cublas.available():  # dispatch may give the dense matmul to cuBLAS
+            dense_s["cublas"] = timer.kernel(ck.build("cublas", w_nk, m, ctx.target, "float16"), m, k)
         kern = chosen("act_cuda")
 
         def run(x: np.ndarray) -> float:
