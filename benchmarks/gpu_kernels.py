@@ -208,6 +208,8 @@ def run(args) -> dict:
                 row["dispatch_s"] = ours[best]["s"]
                 row["dispatch_bw"] = (ours[best]["bytes"] + 4 * m * (k + n)) / ours[best]["s"]
                 rows.append(row)
+                if args.partial:  # what a run cut short by its time limit still leaves behind
+                    args.partial.write_text(json.dumps({"rows": rows}, indent=1))
                 print(
                     f"K={k:5d} N={n:5d} {pname:17s} M={m:4d}  cuBLAS {row['cublas_s'] * 1e6:8.1f} us  "
                     + "  ".join(f"{f} {v['s'] * 1e6:.1f}" for f, v in ours.items())
@@ -215,8 +217,6 @@ def run(args) -> dict:
                     flush=True,
                 )
             print(f"  ({time.time() - t0:.0f} s)", flush=True)
-            if args.partial:  # what a run cut short by its time limit still leaves behind
-                args.partial.write_text(json.dumps({"rows": rows}, indent=1))
     fused = fused_launches(torch, ck, bench, target, rng, args) if not args.no_fused else []
     return {
         "device": torch.cuda.get_device_name(),
@@ -420,9 +420,7 @@ def main() -> None:
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="merge JSON results of partial runs, then write")
-    p.add_argument(
-        "--partial", type=Path, help="rewrite this JSON file with the rows so far after each pattern"
-    )
+    p.add_argument("--partial", type=Path, help="rewrite this JSON file with the rows so far after each row")
     args = p.parse_args()
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
