@@ -72,7 +72,7 @@ def compile_cuda(
     """
     import tvm
 
-    from . import cublas, relax_build
+    from . import relax_build
     from .cuda_dispatch import CUDADispatcher, gpu_visible
     from .dispatch import TuningDB
     from .rewrites import RewriteContext, pattern_rewrites
@@ -87,24 +87,28 @@ def compile_cuda(
     buckets = buckets_for(model, list(batch_sizes), seq_len)
     proto = onnx.load(str(portable))
     measure = gpu_visible()
-    used: set[str] = set()  # kernel symbols in the last build
+    called: dict[int, tuple[set[str], set[str]]] = {}  # per build (id of its executable): the
+    # kernel symbols it runs and the functions it calls by name (cuBLAS)
     fused: list[dict[str, Any]] = []  # pattern-rewrite decisions of the last build
 
     def build(dispatcher: CUDADispatcher, dense_tags: frozenset[str] = frozenset()):
+        symbols: set[str] = set()
+        externs: set[str] = set()
+
         def choose(key: str, m: int, tag: str):
             name, w = weights[key]
             kernel = None if tag in dense_tags else dispatcher.kernel(name, w, m)
             if kernel is not None:
-                used.add(kernel.extern or kernel.symbol)
+                (externs if kernel.extern else symbols).add(kernel.extern or kernel.symbol)
             return kernel
 
-        used.clear()
         rctx = RewriteContext(target, True, db, dense_tags, act_sparsity=calibrated_sparsities(model))
         built = relax_build.build_module(
             proto, buckets, choose, set(weights), target, rewrites=pattern_rewrites(rctx)
         )
         if not dense_tags:  # the decisions for every bucket, not the dense baseline's
             fused[:] = rctx.decisions
+        called[id(built[0])] = (symbols, externs)
         return built
 
     chosen = CUDADispatcher(target, db, measure=measure if measure_kernels is None else measure_kernels)
@@ -138,8 +142,8 @@ def compile_cuda(
         "timing_seconds": timing,
         "kernels_swapped": len(swaps),
         "kernel_formats": sorted({fmt for _, _, fmt in swaps}),
-        "kernel_symbols": sorted(used),
-        "extern_functions": sorted(used & {cublas.FUNC}),  # `runtime.Session` registers them
+        "kernel_symbols": sorted(called[id(executable)][0]),
+        "extern_functions": sorted(called[id(executable)][1]),  # `runtime.Session` registers them
         "fused": fused,
         "compile_seconds": round(time.perf_counter() - start, 2),
         "tuning_db": {"path": str(db.path), "hits": db.hits},

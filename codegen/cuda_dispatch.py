@@ -119,12 +119,14 @@ class CUDADispatcher:
         return f"cuda:{arch}|decision|M{m}|N{n}|K{k}|{w.dtype}|s{sparsity_bucket(w)}|{pattern}"
 
     def _choose(self, w: np.ndarray, m: int) -> tuple[Any, GPUDecision]:
+        from . import cublas
+
         ck = _kernels()
         fp16_dense = w.shape[0] * w.shape[1] * 2
         dense_nbytes = w.shape[0] * w.shape[1] * w.dtype.itemsize
         if self.measure:
             stored = self.db.get(self._db_key(w, m))
-            if stored is not None:
+            if stored is not None and (stored["decision"]["format"] != "cublas" or cublas.available()):
                 d = GPUDecision(**{**stored["decision"], "from_db": True})
                 if not stored["kernel"]:
                     return None, d
