@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu-reps", type=int, default=30)
     p.add_argument(
         "--gpu-variants",
-        default="4:8:16:4,8:8:16:4,4:8:16:8,8:8:16:8,8:4:16:4,4:8:8:4,4:8:24:4",
+        default="4:8:16:4,8:8:16:4,8:8:16:8,16:8:16:8,16:8:8:8,16:8:16:4",
         help="warps:cluster:unroll:vec layouts timed at M = 1",
     )
     p.add_argument("--gpu-json", type=Path, help="re-render the GPU tables and plot from this JSON")

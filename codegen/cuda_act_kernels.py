@@ -102,8 +102,8 @@ def act_cuda_func(
         )
     pw, pc = plan(m, n, k, vec)
     G, CS = int(warps or pw), int(cluster or pc)
-    if CS not in (1, 2, 4, 8) or not 1 <= G <= 8:
-        raise ValueError(f"cluster must be 1, 2, 4 or 8 and warps 1..8; got {CS}, {G}")
+    if CS not in (1, 2, 4, 8) or not 1 <= G <= 16:
+        raise ValueError(f"cluster must be 1, 2, 4 or 8 and warps 1..16; got {CS}, {G}")
     SP = -(-k // (CS * G))  # channels per warp
     TILE = 32 * vec
     part_bytes = (G + 1) * m * TILE * 4

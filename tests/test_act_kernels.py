@@ -252,6 +252,9 @@ def test_cuda_kernel_rejects_bad_shapes():
         act_cuda_func(9, 64, 64)
     with pytest.raises(ValueError, match="dividing N"):
         act_cuda_func(1, 62, 64)
+    with pytest.raises(ValueError, match="warps 1..16"):
+        act_cuda_func(1, 64, 4096, warps=32)
+    assert act_cuda_func(1, 4096, 4000, warps=16, vec=8).warps == 16  # 512-thread blocks build
 
 
 @pytest.mark.parametrize(
@@ -260,6 +263,7 @@ def test_cuda_kernel_rejects_bad_shapes():
         (1, "float16", 1000, 2048, {}),
         (4, "float32", 3000, 2056, {"warps": 2, "cluster": 2, "chunk": 64}),  # 12 chunks, ragged N
         (8, "float16", 1000, 2048, {}),
+        (1, "float16", 4000, 4096, {"warps": 16, "vec": 8}),  # 512 threads, 16-byte W loads
     ],
 )
 def test_cuda_kernel_matches_torch_on_gpu(m, x_dtype, k, n, plan):
