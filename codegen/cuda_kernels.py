@@ -662,6 +662,13 @@ def build(
             raise fmts.UnfitError("the cuBLAS candidate takes fp16 X (the graph casts it)")
         symbol = f"cublas_m{m}_n{n}_k{k}"
         return CUDAKernel(fmt, (m, n, k), None, packed.weights, symbol, x_dtype, {}, cublas.FUNC)
+    if fmt == "bsr" and params.get("tc"):  # tensor cores (`cuda_bsr_mma`; not yet dispatched)
+        from . import cuda_bsr_mma
+
+        keys = ("ks", "unroll", "sms")
+        return cuda_bsr_mma.build(
+            packed, m, x_dtype, **{key: int(params[key]) for key in keys if key in params}
+        )
     if fmt == "bsr" and "ks" in params:  # whole blocks per warp load
         r, c = packed.meta["block"]
         if (r * c) % 256 or not 1 <= m <= MAX_M:

@@ -134,3 +134,45 @@ def test_bsr_block_kernel_matches_numpy_on_gpu(block, x_dtype):
         for m, ks, unroll in [(1, 8, 2), (3, 3, 4), (16, 1, 2)]:
             kern = ck.build("bsr", packed, m, x_dtype=x_dtype, ks=ks, unroll=unroll)
             _assert_matches_on_gpu(kern, w, rng)
+
+
+def test_fragment_order_gives_each_lane_its_mma_registers():
+    """PTX m16n8k16 A fragment: lane l holds rows l // 4 (a0, a1, a4, a5) and l // 4 + 8 (a2,
+    a3, a6, a7), columns 2 (l % 4) + {0, 1} (a0-a3) and + 8 (a4-a7)."""
+    from sparsegraph.codegen.cuda_bsr_mma import fragment_order
+
+    blocks = np.random.default_rng(0).standard_normal((3, 32, 16)).astype(np.float16)
+    frag = fragment_order(blocks).reshape(3, 2, 1, 32, 8)
+    for lane in range(32):
+        for i in range(8):
+            row = lane // 4 + (8 if i in (2, 3, 6, 7) else 0)
+            col = lane % 4 * 2 + i % 2 + (8 if i >= 4 else 0)
+            for rs in range(2):
+                assert np.array_equal(frag[:, rs, 0, lane, i], blocks[:, rs * 16 + row, col])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fragment_order(blocks[:, :8])
+
+
+@pytest.mark.parametrize(("block", "m"), [((16, 16), 1), ((16, 16), 16), ((32, 32), 64)])
+def test_bsr_tensor_core_kernel_builds(block, m):
+    w = pruned(128, 512, 0.7, 3, "b", block)
+    kern = ck.build("bsr", ck.pack("bsr", w, block=block), m, x_dtype="float16", tc=1, ks=2)
+    src = kern.source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert "*(uint4*)(ld_ptr" in src  # a sub-block's fragment: one 16-byte load per lane
+    assert kern.nbytes == ck.pack("bsr", w, block=block).nbytes  # the same bytes, reordered
+    with pytest.raises(UnfitError, match="multiples of 16"):
+        ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, tc=1)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [(16, 16), (32, 32)])
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+def test_bsr_tensor_core_kernel_matches_numpy_on_gpu(block, x_dtype):
+    rng = np.random.default_rng(12)
+    for n, k in [(96, 256), (320, 1024)]:
+        w = pruned(n, k, 0.6, n + k, "b", block)
+        packed = ck.pack("bsr", w, block=block)
+        for m, ks, unroll in [(1, 4, 2), (5, 3, 4), (16, 1, 2), (64, 2, 2)]:
+            kern = ck.build("bsr", packed, m, x_dtype=x_dtype, tc=1, ks=ks, unroll=unroll)
+            _assert_matches_on_gpu(kern, w, rng)
