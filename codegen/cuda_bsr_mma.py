@@ -14,7 +14,7 @@ the kernel can stay bound by the bytes it reads:
   or shared memory;
 * A = the W sub-block (16 outputs x 16 input channels), B = 8 rows of X over those 16
   channels (b0, b1: channels ``2 (l % 4) + {0, 1}`` and ``+ 8`` of row ``l // 4``, two
-  32-bit loads from global memory, L1/L2-resident; rows past M read as zeros), C = the
+  2-entry loads from global memory, L1/L2-resident; rows past M read as zeros), C = the
   16 x 8 partial of Y^T in fp32 registers;
 * `ks` warps share a block row (each takes every ks-th block), `unroll` blocks in flight
   per warp; the warps' C fragments are summed through shared memory and written in X's
@@ -85,6 +85,7 @@ def bsr_mma_func(M: int, N: int, K: int, NB: int, r: int, c: int, xdtype: str, k
                     red = T.decl_buffer((ks, ACC, WARP), "float32", scope="shared")
                     af = T.decl_buffer((unr * SUB * 8,), "float16", scope="local")
                     ld = T.decl_buffer((8,), "float16", scope="local")  # one 16-byte load
+                    xv = T.decl_buffer((2,), xdtype, scope="local")  # one 4- or 8-byte load
                     bf = T.decl_buffer((MT * 4,), "float16", scope="local")
                     acc = T.decl_buffer((ACC,), "float32", scope="local")
                     g = T.meta_var(lane // 4)
@@ -118,19 +119,15 @@ def bsr_mma_func(M: int, N: int, K: int, NB: int, r: int, c: int, xdtype: str, k
                                         for cs in T.unroll(CS):
                                             for mt in T.unroll(MT):
                                                 row = T.meta_var(mt * 8 + g)
-                                                for h in T.unroll(2):
+                                                for h in T.unroll(2):  # b0, b1: one 2-entry load each
+                                                    if row < M:
+                                                        for v in T.vectorized(2):
+                                                            xv[v] = x[row, col0 + cs * 16 + h * 8 + t2 + v]
+                                                    else:
+                                                        for v in T.unroll(2):
+                                                            xv[v] = T.Cast(xdtype, 0)
                                                     for v in T.unroll(2):
-                                                        bf[mt * 4 + h * 2 + v] = T.if_then_else(
-                                                            row < M,
-                                                            T.Cast(
-                                                                "float16",
-                                                                x[
-                                                                    T.min(row, M - 1),
-                                                                    col0 + cs * 16 + h * 8 + t2 + v,
-                                                                ],
-                                                            ),
-                                                            T.float16(0),
-                                                        )
+                                                        bf[mt * 4 + h * 2 + v] = T.Cast("float16", xv[v])
                                             for rs in T.unroll(RS):
                                                 for mt in T.unroll(MT):
                                                     T.ptx_legacy.mma(
