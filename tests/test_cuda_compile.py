@@ -202,15 +202,13 @@ def test_measured_dispatch_times_every_candidate_on_the_gpu(tmp_path):
     decision = d.decisions[("op", 1)]
     assert decision.measured and "dense" in decision.timings and len(decision.timings) >= 2
     assert decision.seconds == min(decision.timings.values())
-    if kernel is not None:
-        x = rng.standard_normal((1, 512)).astype(np.float32)
+    if kernel is not None:  # a compiled kernel or a registered function (cuBLAS), in its X dtype
+        x = rng.standard_normal((1, 512)).astype(kernel.x_dtype)
         dev = tvm.cuda(0)
-        with d.target:
-            ex = tvm.compile(tvm.IRModule({kernel.symbol: kernel.prim_func}), d.target)
         args = [tvm.runtime.tensor(x, dev)] + [tvm.runtime.tensor(a, dev) for a in kernel.weights.values()]
-        y = tvm.runtime.empty((1, 1024), "float32", dev)
-        ex[kernel.symbol](*args, y)
-        ref = x @ w.T
+        y = tvm.runtime.empty((1, 1024), kernel.x_dtype, dev)
+        kernel.function(d.target)(*args, y)
+        ref = x.astype(np.float32) @ w.T
         assert np.abs(y.numpy() - ref).max() / np.abs(ref).max() < TOL_FP16_WEIGHTS
     db.save()
     again = CUDADispatcher(resolve_target("cuda"), TuningDB(tmp_path / "db.json"), measure=True)
