@@ -34,6 +34,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from sparsegraph.codegen.cpu_kernels import as_numpy, as_tvm
 from sparsegraph.codegen.cpu_schedule import compile_cpu
+from sparsegraph.codegen.hugepages import hugepage_array
 from sparsegraph.errors import UsageError
 from sparsegraph.model import Model
 
@@ -55,16 +56,17 @@ def weight_key(w_onnx: np.ndarray) -> str:
 
 
 def share_weights(model: Model, min_bytes: int = SHARE_BYTES) -> None:
-    """Move every constant of `model`'s graph of at least `min_bytes` into TVM memory, the
-    model keeping a numpy view of it (same values): the import binds those tensors, and
-    weights handed to kernels are views, so one copy of the weights serves the whole
-    compile. Every constant is loaded, so the ModelProto the load read (which unloaded
-    constants reference) can be freed."""
+    """Move every constant of `model`'s graph of at least `min_bytes` into aligned memory
+    that TVM tensors can share (on huge pages where the OS grants them, as the runtime
+    loads them: the compile's timings see the same memory, `hugepages`): the import binds
+    those tensors, and weights handed to kernels are views, so one copy of the weights
+    serves the whole compile. Every constant is loaded, so the ModelProto the load read
+    (which unloaded constants reference) can be freed."""
     for t in model.graph.tensors().values():
         if isinstance(t, gs.Constant):
             v = t.values
             if v.nbytes >= min_bytes and v.dtype.kind in "fiu":
-                t.values = as_numpy(tvm.runtime.tensor(np.ascontiguousarray(v)))
+                t.values = hugepage_array(v)
     gc.collect()
 
 
