@@ -32,6 +32,10 @@ from typing import Any
 import numpy as np
 from tvm.script import tirx as T
 
+from .cuda_kernels import CUDAKernel, block_row_grid
+from .cuda_mma import mma_m16n8k16
+from .formats import UnfitError
+
 WARP = 32
 MAX_M = 64
 _SYMBOLS = itertools.count()
@@ -65,9 +69,8 @@ def bsr_mma_func(M: int, N: int, K: int, NB: int, r: int, c: int, xdtype: str, k
         raise ValueError(f"tensor-core BSR: M <= {MAX_M}, blocks of multiples of 16 dividing N and K")
     RS, CS = r // 16, c // 16
     SUB, MT = RS * CS, -(-M // 8)  # 16x16 sub-blocks per block, 8-row tiles of X
-    NBR, TPB = N // r, ks * WARP
-    GRID = min(NBR, sms * max(1, min(2048 // TPB, 32)))
-    ITER = -(-NBR // GRID)
+    NBR = N // r
+    GRID, ITER = block_row_grid(NBR, ks * WARP, sms)
     ACC = RS * MT * 4
 
     @T.prim_func
@@ -130,21 +133,13 @@ def bsr_mma_func(M: int, N: int, K: int, NB: int, r: int, c: int, xdtype: str, k
                                                         bf[mt * 4 + h * 2 + v] = T.Cast("float16", xv[v])
                                             for rs in T.unroll(RS):
                                                 for mt in T.unroll(MT):
-                                                    T.ptx_legacy.mma(
-                                                        "m16n8k16",
-                                                        "row",
-                                                        "col",
-                                                        "fp16",
-                                                        "fp16",
-                                                        "fp32",
-                                                        af.data,
+                                                    mma_m16n8k16(
+                                                        af,
                                                         (u * SUB + rs * CS + cs) * 8,
-                                                        bf.data,
+                                                        bf,
                                                         mt * 4,
-                                                        acc.data,
+                                                        acc,
                                                         (rs * MT + mt) * 4,
-                                                        False,
-                                                        dtype="float32",
                                                     )
                             for i in T.unroll(ACC):
                                 red[ty, i, lane] = acc[i]
@@ -171,9 +166,6 @@ def bsr_mma_func(M: int, N: int, K: int, NB: int, r: int, c: int, xdtype: str, k
 def build(packed: Any, m: int, x_dtype: str = "float32", ks: int = 4, unroll: int = 2, sms: int = 132):
     """The tensor-core kernel for a `cuda_kernels.Packed` bsr weight (blocks of multiples of 16)
     at M = m, as a `cuda_kernels.CUDAKernel` whose values are in `fragment_order`."""
-    from .cuda_kernels import CUDAKernel
-    from .formats import UnfitError
-
     n, k = packed.shape
     r, c = packed.meta["block"]
     nb = packed.meta["NB"]

@@ -471,6 +471,13 @@ def _dense_mod(M, N, K, xdtype, target):
     return mod["main"]
 
 
+def block_row_grid(block_rows: int, threads: int, sms: int) -> tuple[int, int]:
+    """(thread blocks, block rows per thread block) for kernels that give each thread block
+    of `threads` threads one BSR block row at a time: one wave at full occupancy."""
+    grid = min(block_rows, sms * max(1, min(2048 // threads, 32)))
+    return grid, -(-block_rows // grid)
+
+
 def _bsr_blocks_func(M, N, K, NB, r, c, xdtype, ks, unr, sms):
     """BSR with whole blocks per warp load: `ks` warps share a block row (each takes every
     ks-th block of it), lane l loads 16 contiguous bytes of each of its blocks -- chunks
@@ -480,9 +487,7 @@ def _bsr_blocks_func(M, N, K, NB, r, c, xdtype, ks, unr, sms):
     shuffles, the `ks` warps through shared memory. Needs ``r * c % 256 == 0``."""
     CC, CPB = c // 8, r * c // 8  # chunks per block row / per block
     RL, NBR, TPB = CPB // WARP, N // r, ks * WARP
-    per_sm = max(1, min(2048 // TPB, 32))
-    GRID = min(NBR, sms * per_sm)
-    ITER = -(-NBR // GRID)
+    GRID, ITER = block_row_grid(NBR, TPB, sms)
     LOG_CC = CC.bit_length() - 1
 
     @T.prim_func

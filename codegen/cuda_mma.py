@@ -142,6 +142,16 @@ def schedules(m: int, n: int, k: int, x_dtype: str = "float16", wgmma: bool = Tr
     return sorted(fit, key=lambda s: (s["bm"] > mp, -s["bm"] if s["bm"] <= mp else s["bm"], -s["wg"]))
 
 
+def mma_m16n8k16(a, a_offset, b, b_offset, c, c_offset):
+    """``mma.sync.m16n8k16.row.col`` f32 += f16 x f16 on local fragment buffers: A's 8 fp16 at
+    ``a[a_offset]``, B's 4 at ``b[b_offset]``, C's 4 fp32 at ``c[c_offset]`` (element offsets;
+    the buffers must keep their scalar types, not be rewritten to vector types)."""
+    return T.ptx_legacy.mma(
+        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+        a.data, a_offset, b.data, b_offset, c.data, c_offset, False, dtype="float32",
+    )  # fmt: skip
+
+
 def _mma_func(M, N, K, xdtype, bm, bn, bk, wm, wn, wk, stages):
     """The PrimFunc ``main(x[M, K], w[N, K], y[M, N])`` (see the module docstring)."""
     NW = wm * wn * wk
@@ -225,22 +235,7 @@ def _mma_func(M, N, K, xdtype, bm, bn, bk, wm, wn, wk, stages):
                 )
             for mi in T.unroll(MI):
                 for ni in T.unroll(NI):
-                    T.ptx_legacy.mma(
-                        "m16n8k16",
-                        "row",
-                        "col",
-                        "fp16",
-                        "fp16",
-                        "fp32",
-                        af.data,
-                        mi * 8,
-                        bf.data,
-                        ni * 4,
-                        acc.data,
-                        (mi * NI + ni) * 4,
-                        False,
-                        dtype="float32",
-                    )
+                    mma_m16n8k16(af, mi * 8, bf, ni * 4, acc, (mi * NI + ni) * 4)
 
     @T.prim_func
     def main(x: T.Buffer((M, K), xdtype), w: T.Buffer((N, K), "float16"), y: T.Buffer((M, N), xdtype)):

@@ -126,13 +126,18 @@ def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block", [(16, 16), (32, 32)])
 @pytest.mark.parametrize("x_dtype", ["float16", "float32"])
-def test_bsr_block_kernel_matches_numpy_on_gpu(block, x_dtype):
+@pytest.mark.parametrize(
+    ("kernel", "cases"),  # cases: (M, ks, unroll)
+    [({}, [(1, 8, 2), (3, 3, 4), (16, 1, 2)]), ({"tc": 1}, [(1, 4, 2), (5, 3, 4), (16, 1, 2), (64, 2, 2)])],
+    ids=["cuda_cores", "tensor_cores"],
+)
+def test_bsr_block_kernels_match_numpy_on_gpu(block, x_dtype, kernel, cases):
     rng = np.random.default_rng(11)
     for n, k in [(96, 256), (320, 1024)]:
         w = pruned(n, k, 0.6, n + k, "b", block)
         packed = ck.pack("bsr", w, block=block)
-        for m, ks, unroll in [(1, 8, 2), (3, 3, 4), (16, 1, 2)]:
-            kern = ck.build("bsr", packed, m, x_dtype=x_dtype, ks=ks, unroll=unroll)
+        for m, ks, unroll in cases:
+            kern = ck.build("bsr", packed, m, x_dtype=x_dtype, ks=ks, unroll=unroll, **kernel)
             _assert_matches_on_gpu(kern, w, rng)
 
 
@@ -163,16 +168,3 @@ def test_bsr_tensor_core_kernel_builds(block, m):
     assert kern.nbytes == ck.pack("bsr", w, block=block).nbytes  # the same bytes, reordered
     with pytest.raises(UnfitError, match="multiples of 16"):
         ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, tc=1)
-
-
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("block", [(16, 16), (32, 32)])
-@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
-def test_bsr_tensor_core_kernel_matches_numpy_on_gpu(block, x_dtype):
-    rng = np.random.default_rng(12)
-    for n, k in [(96, 256), (320, 1024)]:
-        w = pruned(n, k, 0.6, n + k, "b", block)
-        packed = ck.pack("bsr", w, block=block)
-        for m, ks, unroll in [(1, 4, 2), (5, 3, 4), (16, 1, 2), (64, 2, 2)]:
-            kern = ck.build("bsr", packed, m, x_dtype=x_dtype, tc=1, ks=ks, unroll=unroll)
-            _assert_matches_on_gpu(kern, w, rng)
