@@ -231,8 +231,12 @@ class GPUTimer:
             ex = tvm.compile(
                 tvm.IRModule({symbol: prim_func.with_attr("global_symbol", symbol)}), self.target
             )
-        evaluator = ex.mod.time_evaluator(
-            symbol, self.dev, number=1, repeat=self.repeat, f_preproc="sparsegraph.flush_l2"
+        return self._median(ex.mod, symbol, args)
+
+    def _median(self, module: Any, name: str, args: list) -> float:
+        """Median seconds of `module`'s function `name` on `args`, L2 flushed before each call."""
+        evaluator = module.time_evaluator(
+            name, self.dev, number=1, repeat=self.repeat, f_preproc="sparsegraph.flush_l2"
         )
         return float(statistics.median(evaluator(*args).results))
 
@@ -262,10 +266,7 @@ class GPUTimer:
             bb.emit_func_output(bb.emit(relax.call_dps_packed(kernel.extern, params, out_ty=out_ty)))
         with self.target:
             vm = relax.VirtualMachine(tvm.compile(bb.get(), self.target), self.dev)
-        evaluator = vm.time_evaluator(
-            "main", self.dev, number=1, repeat=self.repeat, f_preproc="sparsegraph.flush_l2"
-        )
-        return float(statistics.median(evaluator(*args).results))
+        return self._median(vm, "main", args)
 
     def dense(self, w: np.ndarray, m: int) -> float:
         """The dense matmul as the model runs it: `X[m, K] @ W_onnx[K, N]` in W's dtype, dlight-scheduled."""
