@@ -100,14 +100,32 @@ def schedules(
 ) -> list[dict[str, int]]:
     """The schedules dispatch may time for `fmt` at (M, N, K) (and `fmt`'s packing
     parameters, e.g. a bsr `block`, an nm ``n``: hence positional-only shapes), the best
-    first (for ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`)."""
+    first (for ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`; for
+    ``bsr`` at M > `MAX_M`: the tensor-core kernel's only)."""
     if fmt == "mma":
         from . import cuda_mma
 
         return cuda_mma.schedules(m, n, k, "float16", wgmma=is_hopper(target or cuda_target()))
-    if fmt == "bsr" and block is not None and (block[0] * block[1]) % 256 == 0:
-        return [*_bsr_block_schedules(m, n // block[0]), *SCHEDULE_SPACE[fmt]]
+    if fmt == "bsr" and block is not None:
+        tc = _bsr_tensor_core_schedules(m) if block[0] % 16 == block[1] % 16 == 0 else []
+        if m > MAX_M:
+            return tc
+        if (block[0] * block[1]) % 256 == 0:
+            blocks = _bsr_block_schedules(m, n // block[0])
+            ordered = [*blocks, *tc] if m == 1 else [*tc, *blocks]
+            return [*ordered, *SCHEDULE_SPACE[fmt]]
     return SCHEDULE_SPACE[fmt]
+
+
+def _bsr_tensor_core_schedules(m: int) -> list[dict[str, int]]:
+    """The tensor-core BSR kernel's schedules (`cuda_bsr_mma`), best first; first for M > 1.
+    Measured on an H100 (`benchmarks/gpu_bsr_blocks.py`, 8192->28672): at M = 16 it keeps
+    93 % of the M = 1 ratio where the CUDA-core block kernel keeps 40 %; at M = 1 the two tie."""
+    from . import cuda_bsr_mma
+
+    if m > cuda_bsr_mma.MAX_M:
+        return []
+    return [{"tc": 1, "ks": 2, "unroll": 4}, {"tc": 1, "ks": 4, "unroll": 4}]
 
 
 def _bsr_block_schedules(m: int, block_rows: int) -> list[dict[str, int]]:
@@ -667,7 +685,7 @@ def build(
             raise fmts.UnfitError("the cuBLAS candidate takes fp16 X (the graph casts it)")
         symbol = f"cublas_m{m}_n{n}_k{k}"
         return CUDAKernel(fmt, (m, n, k), None, packed.weights, symbol, x_dtype, {}, cublas.FUNC)
-    if fmt == "bsr" and params.get("tc"):  # tensor cores (`cuda_bsr_mma`; not yet dispatched)
+    if fmt == "bsr" and params.get("tc"):  # tensor cores (`cuda_bsr_mma`)
         from . import cuda_bsr_mma
 
         keys = ("ks", "unroll", "sms")
@@ -728,17 +746,21 @@ def candidates(
 ) -> list[tuple[str, dict[str, Any]]]:
     """(format, params) of the kernels that can run ``w[N, K]`` at M = m: dense (our row
     kernel at M <= 16, our tensor-core kernel `cuda_mma` at M >= `MMA_MIN_M` where its
-    tiles fit, TVM's dlight, cuBLAS where a libcublas loads) and, at M <= 16, the sparse
-    formats whose pattern W fits (`sparse_formats`; pass them as `sparse` to reuse them
-    across M)."""
+    tiles fit, TVM's dlight, cuBLAS where a libcublas loads) and the sparse formats whose
+    pattern W fits (`sparse_formats`; pass them as `sparse` to reuse them across M): all at
+    M <= 16, up to M = 64 those with a tensor-core kernel (BSR, blocks of multiples of 16)."""
     from . import cublas
+    from .cuda_bsr_mma import MAX_M as TC_MAX_M
 
     n, k = w.shape
     mma = [("mma", {})] if m >= MMA_MIN_M and schedules("mma", m, n, k) else []
     dense = [*mma, ("dlight", {}), *([("cublas", {})] if cublas.available() else [])]
-    if not 1 <= m <= MAX_M:
+    if not 1 <= m <= TC_MAX_M:
         return dense
-    return [("dense", {}), *dense, *(sparse_formats(w) if sparse is None else sparse)]
+    sparse = sparse_formats(w) if sparse is None else sparse
+    if m <= MAX_M:
+        return [("dense", {}), *dense, *sparse]
+    return [*dense, *[(f, p) for f, p in sparse if f == "bsr" and schedules(f, m, n, k, None, **p)]]
 
 
 def sparse_formats(w: np.ndarray) -> list[tuple[str, dict[str, Any]]]:

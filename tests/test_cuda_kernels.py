@@ -116,6 +116,14 @@ def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
     assert all("ks" not in s for s in ck.schedules("bsr", 1, 128, 512, block=(1, 16)))
     # packing parameters pass through as keywords, an nm format's `n` included
     assert ck.schedules("nm", 1, 128, 512, None, **{"n": 2}) == ck.SCHEDULE_SPACE["nm"]
+    # tensor cores first from M = 2 (blocks of multiples of 16), and alone past the decode kernels' M
+    assert "tc" not in first and ck.schedules("bsr", 16, 128, 512, block=(16, 16))[0]["tc"] == 1
+    assert all(s["tc"] for s in ck.schedules("bsr", 64, 128, 512, block=(32, 32)))
+    assert ck.schedules("bsr", 64, 128, 512, block=(1, 16)) == []
+    formats = {m: [f for f, _ in ck.candidates(w, m)] for m in (16, 64, 65)}
+    assert {"dcsr", "bsr", "dense"} <= set(formats[16])
+    assert "bsr" in formats[64] and not {"dcsr", "dense"} & set(formats[64])
+    assert "bsr" not in formats[65]
     kern = ck.build("bsr", ck.pack("bsr", w, block=(16, 16)), 4, x_dtype="float16", **first)
     src = kern.source()
     assert "*(uint4*)" in src and "__shfl_down_sync" in src
