@@ -1,6 +1,6 @@
 """BSR at decode on the GPU: the row kernel (a warp per output row) vs the block kernel
 (`cuda_kernels._bsr_blocks_func`: a warp loads whole blocks, `ks` warps per block row) vs
-the tensor-core kernel (`cuda_bsr_mma`: the same whole-block loads, products by
+the tensor-core kernel (`cuda_sparse_mma`: the same whole-block loads, products by
 ``mma.sync m16n8k16``), at M = 1, 4, 16 and 64 (the first two up to M = 16).
 
 Same weights and timing as `gpu_kernels.py` (random N(0, 1/K) fp16 values, blocks kept at

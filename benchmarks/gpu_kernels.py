@@ -32,7 +32,7 @@ Correctness is checked for every kernel and cell against fp32 torch on the same 
 values: max |y - ref| / max |ref| <= 2e-3 (fp16 output rounding; cuBLAS's own error is
 printed alongside).
 
-    python benchmarks/gpu_kernels.py [--quick] [--reps N] [--out DIR]
+    python benchmarks/gpu_kernels.py [--quick] [--reps N] [--out DIR] [--trial tile_bitmap]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ PATTERNS = [
     ("bsr 32x32 90%", ("b", 32, 0.9)),
 ]
 TOL = 2e-3
+TRIAL_MAX_M = 64  # the tensor-core sparse kernels' largest M (`cuda_sparse_mma.MAX_M`)
 DENSE_KERNELS = ("dense", "mma", "dlight", "cublas")  # their time does not depend on W's values
 
 
@@ -178,7 +179,8 @@ def run(args) -> dict:
                         row[f"{name}_s"] = None
                         print(f"{name} failed at M={m}: {e}", file=sys.stderr)
                 ours = {}
-                for fmt, params in ck.candidates(w16, m, sparse):
+                trial = [(f, {}) for f in args.trial if pattern and m <= TRIAL_MAX_M]
+                for fmt, params in [*ck.candidates(w16, m, sparse), *trial]:
                     if fmt == "csr" and 1 - np.count_nonzero(w16) / w16.size < 0.85:
                         continue  # below 85 % csr moves strictly more bytes than dcsr
                     key = (fmt, repr(params))
@@ -422,6 +424,12 @@ def main() -> None:
     p.add_argument("--shapes", type=lambda v: [int(i) for i in v.split(",")], help="indices into SHAPES")
     p.add_argument("--patterns", type=lambda v: [int(i) for i in v.split(",")], help="indices into PATTERNS")
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
+    p.add_argument(
+        "--trial",
+        type=lambda v: v.split(","),
+        default=[],
+        help="also time these formats on sparse W at M <= 64, not yet dispatch candidates (tile_bitmap)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument(
         "--merge", type=Path, nargs="+", help="merge JSON results of partial runs (later win), then write"

@@ -1,4 +1,5 @@
-"""Sparse decode kernels for CUDA: ``Y[M, N] = X[M, K] @ W.T`` for M = 1..16, W in fp16.
+"""Sparse decode kernels for CUDA: ``Y[M, N] = X[M, K] @ W.T`` for M = 1..16 (64 on tensor
+cores), W in fp16.
 
 W comes in the canonical orientation ``W[N, K]`` (see `formats`). Every kernel stores W's
 values in fp16 (accumulating in fp32) whatever X's dtype (float16 or float32; Y has X's
@@ -27,13 +28,18 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   blocks (lane l takes chunks ``l + 32 h`` of a block: a 16x16 block is one 512-byte warp
   load), X read from global memory, lanes of a row summed with shuffles and the ``ks``
   warps through shared memory. On the H100 at M = 1 it is 4-12 % faster than the row
-  kernel, at M = 4 20-45 % (`benchmarks/gpu_bsr_blocks.py`).
+  kernel, at M = 4 20-45 % (`benchmarks/gpu_bsr_blocks.py`). For blocks of multiples of
+  16, a third on tensor cores (`cuda_sparse_mma`, ``tc=1``, M <= 64), scheduled first
+  from M = 2: at M = 16 it keeps ~90 % of the M = 1 ratio where the block kernel keeps 40 %.
+* ``tile_bitmap`` (`cuda_sparse_mma`, M <= 64): unstructured W as 16 x 16 tiles of a
+  bitmap plus values in mma fragment order, decoded into registers for ``mma.sync``; not a
+  dispatch candidate until it has passed its GPU test.
 * ``dense``: our row kernel on fp16 W (M <= 16), the tensor-core GEMM of `cuda_mma`
   (``mma``, M >= `MMA_MIN_M`) and TVM's own GEMV / matmul schedules (``dlight``): the
   dense kernels the sparse ones are dispatched against.
 
 Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75; 2:4 nm 1.125
-per dense entry; bsr 2 per block entry. Decode at M = 1 is bound by these bytes (the
+per dense entry; bsr 2 per block entry; tile_bitmap 2 per stored entry + 0.14. Decode at M = 1 is bound by these bytes (the
 kernels are written so that each warp issues 16-byte loads only), so the best a kernel
 can do against a dense GEMV is dense bytes / its bytes.
 """
@@ -90,6 +96,9 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
     "dlight": [{}],
     "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
     "cublas": [{}],  # `cublas.gemm` through a packed function, where a libcublas loads
+    #: unstructured W on tensor cores (`cuda_sparse_mma`), M = 1..64; not in `candidates`
+    #: until it has passed its GPU test
+    "tile_bitmap": [{"ks": 2, "unroll": 4}, {"ks": 4, "unroll": 2}, {"ks": 4, "unroll": 4}],
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
 MMA_MIN_M = 4
@@ -118,12 +127,12 @@ def schedules(
 
 
 def _bsr_tensor_core_schedules(m: int) -> list[dict[str, int]]:
-    """The tensor-core BSR kernel's schedules (`cuda_bsr_mma`), best first; first for M > 1.
+    """The tensor-core BSR kernel's schedules (`cuda_sparse_mma`), best first; first for M > 1.
     Measured on an H100 (`benchmarks/gpu_bsr_blocks.py`, 8192->28672): at M = 16 it keeps
     93 % of the M = 1 ratio where the CUDA-core block kernel keeps 40 %; at M = 1 the two tie."""
-    from . import cuda_bsr_mma
+    from . import cuda_sparse_mma
 
-    if m > cuda_bsr_mma.MAX_M:
+    if m > cuda_sparse_mma.MAX_M:
         return []
     return [{"tc": 1, "ks": 2, "unroll": 4}, {"tc": 1, "ks": 4, "unroll": 4}]
 
@@ -612,6 +621,10 @@ def pack(fmt: str, w: Any, **params: Any) -> Packed:
         raise fmts.UnfitError(f"no CUDA kernel for format {fmt!r}")
     if fmt in ("dlight", "mma", "cublas"):
         return Packed(fmt, (n, k), {"w": np.ascontiguousarray(a16)}, {})
+    if fmt == "tile_bitmap":
+        from .cuda_sparse_mma import pack_tile_bitmap
+
+        return Packed(fmt, (n, k), pack_tile_bitmap(a16), {"S": int(np.count_nonzero(a16))})
     if k % 8:
         raise fmts.UnfitError(f"CUDA row kernels need K % 8 == 0; K = {k}")
     if fmt == "dense":
@@ -685,11 +698,11 @@ def build(
             raise fmts.UnfitError("the cuBLAS candidate takes fp16 X (the graph casts it)")
         symbol = f"cublas_m{m}_n{n}_k{k}"
         return CUDAKernel(fmt, (m, n, k), None, packed.weights, symbol, x_dtype, {}, cublas.FUNC)
-    if fmt == "bsr" and params.get("tc"):  # tensor cores (`cuda_bsr_mma`)
-        from . import cuda_bsr_mma
+    if fmt == "tile_bitmap" or (fmt == "bsr" and params.get("tc")):  # tensor cores (`cuda_sparse_mma`)
+        from . import cuda_sparse_mma
 
         keys = ("ks", "unroll", "sms")
-        return cuda_bsr_mma.build(
+        return cuda_sparse_mma.build(
             packed, m, x_dtype, **{key: int(params[key]) for key in keys if key in params}
         )
     if fmt == "bsr" and "ks" in params:  # whole blocks per warp load
@@ -750,7 +763,7 @@ def candidates(
     pattern W fits (`sparse_formats`; pass them as `sparse` to reuse them across M): all at
     M <= 16, up to M = 64 those with a tensor-core kernel (BSR, blocks of multiples of 16)."""
     from . import cublas
-    from .cuda_bsr_mma import MAX_M as TC_MAX_M
+    from .cuda_sparse_mma import MAX_M as TC_MAX_M
 
     n, k = w.shape
     mma = [("mma", {})] if m >= MMA_MIN_M and schedules("mma", m, n, k) else []

@@ -152,7 +152,7 @@ def test_bsr_block_kernels_match_numpy_on_gpu(block, x_dtype, kernel, cases):
 def test_fragment_order_gives_each_lane_its_mma_registers():
     """PTX m16n8k16 A fragment: lane l holds rows l // 4 (a0, a1, a4, a5) and l // 4 + 8 (a2,
     a3, a6, a7), columns 2 (l % 4) + {0, 1} (a0-a3) and + 8 (a4-a7)."""
-    from sparsegraph.codegen.cuda_bsr_mma import fragment_order
+    from sparsegraph.codegen.cuda_sparse_mma import fragment_order
 
     blocks = np.random.default_rng(0).standard_normal((3, 32, 16)).astype(np.float16)
     frag = fragment_order(blocks).reshape(3, 2, 1, 32, 8)
@@ -176,3 +176,75 @@ def test_bsr_tensor_core_kernel_builds(block, m):
     assert kern.nbytes == ck.pack("bsr", w, block=block).nbytes  # the same bytes, reordered
     with pytest.raises(UnfitError, match="multiples of 16"):
         ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, tc=1)
+
+
+TILE_SCHEDULES = ck.SCHEDULE_SPACE["tile_bitmap"]
+
+
+def _decode_tile_bitmap(weights, n, k):
+    """W from `pack_tile_bitmap`'s arrays, decoded lane by lane as the kernel does (prefix
+    popcounts of the tile's mask words, then the lane's set bits in order)."""
+    from sparsegraph.codegen.cuda_sparse_mma import _fragment_index
+
+    rows, cols = _fragment_index()
+    masks, offsets, values = weights["masks"], weights["offsets"], weights["values"]
+    w = np.zeros((n, k), np.float16)
+    for t in range(offsets.size):
+        words = [int(v) for v in masks[t * 8 : t * 8 + 8]]
+        tile = np.zeros((16, 16), np.float16)
+        for lane in range(32):
+            mine, shift = words[lane // 4], lane % 4 * 8
+            pos = int(offsets[t]) + sum(bin(v).count("1") for v in words[: lane // 4])
+            pos += bin(mine & ((1 << shift) - 1)).count("1")
+            for i in range(8):
+                if mine >> (shift + i) & 1:
+                    tile[rows[lane, i], cols[lane, i]] = values[pos]
+                    pos += 1
+        tr, tc = divmod(t, k // 16)
+        w[tr * 16 : tr * 16 + 16, tc * 16 : tc * 16 + 16] = tile
+    return w
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_tile_bitmap_packing_decodes_to_w(sparsity):
+    w = pruned(48, 64, sparsity, 5).astype(np.float16)
+    w[16:32, 16:32] = 0  # an empty tile
+    packed = ck.pack("tile_bitmap", w)
+    assert [a.dtype for a in packed.weights.values()] == [np.float16, np.uint32, np.int32]
+    assert np.array_equal(_decode_tile_bitmap(packed.weights, *w.shape), w)
+    nnz = max(np.count_nonzero(w), 1)
+    assert packed.nbytes == 2 * nnz + w.size // 8 + w.size // 64  # values, masks, tile offsets
+    with pytest.raises(UnfitError, match="multiples of 16"):
+        ck.pack("tile_bitmap", w[:, :40])
+
+
+def test_tile_bitmap_kernel_builds():
+    w = pruned(128, 512, 0.7, 3)
+    packed = ck.pack("tile_bitmap", w)
+    for m, sched in [(1, 0), (16, 1), (64, 2)]:
+        kern = ck.build(
+            "tile_bitmap", packed, m, x_dtype="float16", **ck.SCHEDULE_SPACE["tile_bitmap"][sched]
+        )
+        src = kern.source()
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "__popc" in src
+        assert "*(uint4*)" in src  # a tile's mask: two 16-byte loads
+        assert kern.nbytes == packed.nbytes
+    assert "tile_bitmap" not in {f for f, _ in ck.candidates(w, 16)}  # not dispatched before its GPU test
+    with pytest.raises(UnfitError, match="M <= 64"):
+        ck.build("tile_bitmap", packed, 65)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_tile_bitmap_kernel_matches_numpy_on_gpu(x_dtype, sparsity):
+    rng = np.random.default_rng(13)
+    for n, k in [(96, 256), (320, 1024)]:
+        w = pruned(n, k, sparsity, n + k)
+        w[:16] = 0  # a tile row without values
+        packed = ck.pack("tile_bitmap", w)
+        for m, sched in [(1, 0), (5, 1), (16, 0), (64, 2)]:
+            kern = ck.build(
+                "tile_bitmap", packed, m, x_dtype=x_dtype, **ck.SCHEDULE_SPACE["tile_bitmap"][sched]
+            )
+            _assert_matches_on_gpu(kern, w, rng)

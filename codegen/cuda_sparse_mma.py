@@ -1,0 +1,304 @@
+"""Sparse W on tensor cores for small batches: ``Y[M, N] = X[M, K] @ W.T``, fp16 W, M = 1..64,
+one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Two formats:
+
+* **BSR** with blocks of multiples of 16 (`bsr_layout`). At M = 16 the CUDA-core block kernel
+  (`cuda_kernels._bsr_blocks_func`) does 16 FMAs per weight and stops being bound by the
+  weight bytes (on the H100, 8192->28672 BSR 16x16 at 90 %: 6.6x cuBLAS at M = 1, 2.7x at
+  M = 16); here the tensor cores do those products (6.0x at M = 16). The packed values are
+  stored in the mma A-fragment order (`fragment_order`): lane l's 16 bytes of a 16 x 16
+  sub-block are its registers a0..a3, so one 16-byte load per lane brings a whole sub-block
+  into registers (a 512-byte warp load, no ldmatrix or shared memory).
+* **Tile bitmaps** for unstructured W (`tile_bitmap_layout`, `pack_tile_bitmap`): every
+  16 x 16 tile is stored, as a 256-bit mask in fragment order (lane l's byte: which of its 8
+  fragment entries are nonzero), its nonzero values in fragment order (lane-major), and the
+  tile's offset into them; lane l finds its values at that offset plus the popcount of the
+  mask bytes of the lanes before it. Bytes per weight entry: 2 x density + 1/8 + 1/64 (1.14
+  at 50 %, 0.74 at 70 %, 0.34 at 90 %; dense 2). The tensor-core-aware bitmap of SpInfer
+  (Fan et al., "SpInfer: Leveraging Low-Level Sparsity for Efficient Large Language Model
+  Inference on GPUs", EuroSys 2025), decoded into registers rather than shared memory.
+
+Common to both: A = a W sub-block (16 outputs x 16 input channels); B = 8 rows of X over
+those 16 channels (b0, b1: channels ``2 (l % 4) + {0, 1}`` and ``+ 8`` of row ``l // 4``, two
+2-entry loads from global memory, L1/L2-resident; rows past M read as zeros); C = the 16 x 8
+partial of Y^T in fp32 registers. `ks` warps share a block row (each takes every ks-th block
+or tile), `unroll` blocks in flight per warp; the warps' C fragments are summed through shared
+memory and written in X's dtype.
+
+Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tvm.script import tirx as T
+
+from .cuda_kernels import CUDAKernel, block_row_grid
+from .cuda_mma import mma_m16n8k16
+from .formats import UnfitError
+
+WARP = 32
+MAX_M = 64
+_SYMBOLS = itertools.count()
+
+
+def _fragment_index() -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) [32, 8]: the 16 x 16 tile entry lane l holds as its k-th fp16 of a0..a3."""
+    lane = np.arange(WARP)[:, None]
+    i = np.arange(8)[None, :]
+    rows = lane // 4 + 8 * ((i // 2) % 2)
+    cols = 2 * (lane % 4) + i % 2 + 8 * (i // 4)
+    return rows, cols
+
+
+def _fragments(blocks: np.ndarray) -> np.ndarray:
+    """``[NB, r, c]`` blocks (r, c multiples of 16) as ``[NB, r/16, c/16, 32, 8]``: each 16 x 16
+    sub-block as 32 lanes x 8 entries in A-fragment order."""
+    nb, r, c = blocks.shape
+    if r % 16 or c % 16:
+        raise ValueError(f"tensor-core kernels need blocks of multiples of 16; got {r}x{c}")
+    rows, cols = _fragment_index()
+    sub = blocks.reshape(nb, r // 16, 16, c // 16, 16).transpose(0, 1, 3, 2, 4)  # [NB, RS, CS, 16, 16]
+    return sub[..., rows, cols]
+
+
+def fragment_order(blocks: np.ndarray) -> np.ndarray:
+    """BSR block values ``[NB, r, c]`` (r, c multiples of 16; row = output, column = input
+    channel) as the flat array the kernel reads: per block, its 16 x 16 sub-blocks in row-major
+    order, each as 32 lanes x 8 fp16 in A-fragment order."""
+    return np.ascontiguousarray(_fragments(blocks)).reshape(-1)
+
+
+def pack_tile_bitmap(w: np.ndarray) -> dict[str, np.ndarray]:
+    """``W[N, K]`` (N, K multiples of 16) as tile bitmaps, in kernel signature order:
+    ``values`` (fp16, the nonzeros tile by tile, each tile's in fragment order), ``masks``
+    (uint32 [tiles * 8]: word j holds the mask bytes of lanes 4j..4j+3, lane l's at bits
+    ``8 (l % 4)``, bit i = its i-th fragment entry is nonzero) and ``offsets`` (int32, each
+    tile's first value). Tiles are numbered row-major: tile row ``n // 16``, then ``k // 16``."""
+    n, k = w.shape
+    if n % 16 or k % 16:
+        raise UnfitError(f"tile bitmaps need N and K multiples of 16; got {n}x{k}")
+    frag = _fragments(np.asarray(w, np.float16)[None]).reshape(-1, WARP, 8)  # [tiles, 32, 8]
+    nz = frag != 0
+    lane_bytes = (nz.astype(np.uint32) << np.arange(8, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+    masks = (lane_bytes.reshape(-1, 8, 4) << np.array([0, 8, 16, 24], np.uint32)).sum(axis=2, dtype=np.uint32)
+    counts = nz.sum(axis=(1, 2))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    values = frag[nz]
+    return {
+        "values": values if values.size else np.zeros(1, np.float16),
+        "masks": masks.reshape(-1),
+        "offsets": offsets,
+    }
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the generic kernel (`_mma_func`) finds a block row's blocks and their values:
+    `r` x `c` blocks; the two index arrays' (shape, dtype); ``span(i1, i2, br)`` -> (first
+    block, blocks) of block row br; ``column(i1, blk, br)`` -> block blk's first input
+    channel; `load_a(vals, i1, i2, af, ld, u, blk, lane)` -> block blk's A fragments into
+    ``af[u * SUB * 8:]``."""
+
+    r: int
+    c: int
+    values: int
+    index1: tuple[tuple[int, ...], str]
+    index2: tuple[tuple[int, ...], str]
+    span: Callable
+    column: Callable
+    load_a: Any
+
+
+def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
+    """BSR (``vals`` from `fragment_order`, ``idx[NB]`` uint16 block columns, ``ptr[N / r + 1]``
+    int32 block-row starts)."""
+    SUB = (r // 16) * (c // 16)
+
+    @T.macro
+    def load_a(vals, idx, ptr, af, ld, u, blk, lane):
+        for s in T.unroll(SUB):
+            # through `ld`: a vector-typed `af` would shift the mma operands' offsets to vector units
+            for v in T.vectorized(8):
+                ld[v] = vals[(blk * SUB + s) * 256 + lane * 8 + v]
+            for v in T.unroll(8):
+                af[(u * SUB + s) * 8 + v] = ld[v]
+
+    return _Layout(
+        r,
+        c,
+        NB * r * c,
+        ((NB,), "uint16"),
+        ((N // r + 1,), "int32"),
+        lambda idx, ptr, br: (ptr[br], ptr[br + 1] - ptr[br]),
+        lambda idx, blk, br: T.Cast("int32", idx[blk]) * c,
+        load_a,
+    )
+
+
+def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
+    """Tile bitmaps (`pack_tile_bitmap`): every 16 x 16 tile is a block, so block row br holds
+    tiles ``br * K / 16 ..``; no block columns to read."""
+    KT = K // 16
+
+    @T.macro
+    def load_a(vals, masks, offsets, af, ld, u, blk, lane):
+        words = T.decl_buffer((8,), "uint32", scope="local")
+        mine = T.decl_buffer((1,), "uint32", scope="local")
+        pos = T.decl_buffer((1,), "int32", scope="local")
+        for h in T.unroll(2):  # the tile's whole mask: two 16-byte loads, the same for every lane
+            for v in T.vectorized(4):
+                words[h * 4 + v] = masks[blk * 8 + h * 4 + v]
+        mine[0] = T.uint32(0)
+        pos[0] = offsets[blk]
+        for j in T.unroll(8):  # the values of the lanes before this one come first
+            if j < lane // 4:
+                pos[0] = pos[0] + T.Cast("int32", T.popcount(words[j]))
+            if j == lane // 4:
+                mine[0] = words[j]
+        shift = T.meta_var(T.Cast("uint32", lane % 4 * 8))
+        pos[0] = pos[0] + T.Cast(
+            "int32", T.popcount(T.bitwise_and(mine[0], T.shift_left(T.uint32(1), shift) - T.uint32(1)))
+        )
+        for i in T.unroll(8):
+            if T.bitwise_and(T.shift_right(mine[0], shift + T.uint32(i)), T.uint32(1)) != T.uint32(0):
+                af[u * 8 + i] = vals[pos[0]]
+                pos[0] = pos[0] + 1
+            else:
+                af[u * 8 + i] = T.float16(0)
+
+    return _Layout(
+        16,
+        16,
+        max(nnz, 1),
+        ((N // 16 * KT * 8,), "uint32"),
+        ((N // 16 * KT,), "int32"),
+        lambda masks, offsets, br: (br * KT, KT),
+        lambda masks, blk, br: (blk - br * KT) * 16,
+        load_a,
+    )
+
+
+def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, lay: _Layout):
+    """The PrimFunc ``(x[M, K], vals, index1, index2, y[M, N])`` of layout `lay` (see the module
+    docstring)."""
+    r, c = lay.r, lay.c
+    if not 1 <= M <= MAX_M or r % 16 or c % 16 or N % r or K % c:
+        raise ValueError(
+            f"tensor-core sparse kernels: M <= {MAX_M}, blocks of multiples of 16 dividing N and K"
+        )
+    RS, CS = r // 16, c // 16
+    SUB, MT = RS * CS, -(-M // 8)  # 16x16 sub-blocks per block, 8-row tiles of X
+    NBR = N // r
+    GRID, ITER = block_row_grid(NBR, ks * WARP, sms)
+    ACC = RS * MT * 4
+    (S1, D1), (S2, D2) = lay.index1, lay.index2
+
+    @T.prim_func
+    def main(
+        x: T.Buffer((M, K), xdtype),
+        vals: T.Buffer((lay.values,), "float16"),
+        idx: T.Buffer(S1, D1),
+        ptr: T.Buffer(S2, D2),
+        y: T.Buffer((M, N), xdtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding(GRID, thread="blockIdx.x"):
+            for ty in T.thread_binding(ks, thread="threadIdx.y"):
+                for lane in T.thread_binding(WARP, thread="threadIdx.x"):
+                    red = T.decl_buffer((ks, ACC, WARP), "float32", scope="shared")
+                    af = T.decl_buffer((unr * SUB * 8,), "float16", scope="local")
+                    ld = T.decl_buffer((8,), "float16", scope="local")  # one 16-byte load
+                    xv = T.decl_buffer((2,), xdtype, scope="local")  # one 4- or 8-byte load
+                    bf = T.decl_buffer((MT * 4,), "float16", scope="local")
+                    acc = T.decl_buffer((ACC,), "float32", scope="local")
+                    g = T.meta_var(lane // 4)
+                    t2 = T.meta_var(lane % 4 * 2)
+                    for it in range(ITER):
+                        br = T.meta_var(bx + it * GRID)
+                        if br < NBR:
+                            start, count = T.meta_var(lay.span(idx, ptr, br))
+                            first = T.meta_var(start + ty)
+                            mine = T.meta_var((count - ty + ks - 1) // ks)
+                            for i in T.unroll(ACC):
+                                acc[i] = T.float32(0)
+                            for j in range((mine + unr - 1) // unr):
+                                for u in T.unroll(unr):
+                                    if j * unr + u < mine:
+                                        lay.load_a(
+                                            vals, idx, ptr, af, ld, u, first + (j * unr + u) * ks, lane
+                                        )
+                                for u in T.unroll(unr):
+                                    if j * unr + u < mine:
+                                        col0 = T.meta_var(lay.column(idx, first + (j * unr + u) * ks, br))
+                                        for cs in T.unroll(CS):
+                                            for mt in T.unroll(MT):
+                                                row = T.meta_var(mt * 8 + g)
+                                                for h in T.unroll(2):  # b0, b1: one 2-entry load each
+                                                    if row < M:
+                                                        for v in T.vectorized(2):
+                                                            xv[v] = x[row, col0 + cs * 16 + h * 8 + t2 + v]
+                                                    else:
+                                                        for v in T.unroll(2):
+                                                            xv[v] = T.Cast(xdtype, 0)
+                                                    for v in T.unroll(2):
+                                                        bf[mt * 4 + h * 2 + v] = T.Cast("float16", xv[v])
+                                            for rs in T.unroll(RS):
+                                                for mt in T.unroll(MT):
+                                                    mma_m16n8k16(
+                                                        af,
+                                                        (u * SUB + rs * CS + cs) * 8,
+                                                        bf,
+                                                        mt * 4,
+                                                        acc,
+                                                        (rs * MT + mt) * 4,
+                                                    )
+                            for i in T.unroll(ACC):
+                                red[ty, i, lane] = acc[i]
+                        T.tvm_storage_sync("shared")
+                        if br < NBR:
+                            if ty == 0:
+                                for s in T.unroll(1, ks):
+                                    for i in T.unroll(ACC):
+                                        acc[i] = acc[i] + red[s, i, lane]
+                                # c0, c1: output row g, X rows t2 + {0, 1}; c2, c3: output row g + 8
+                                for rs in T.unroll(RS):
+                                    for mt in T.unroll(MT):
+                                        for h in T.unroll(2):
+                                            for v in T.unroll(2):
+                                                if mt * 8 + t2 + v < M:
+                                                    y[mt * 8 + t2 + v, br * r + rs * 16 + h * 8 + g] = T.Cast(
+                                                        xdtype, acc[(rs * MT + mt) * 4 + h * 2 + v]
+                                                    )
+                        T.tvm_storage_sync("shared")
+
+    return main
+
+
+def build(packed: Any, m: int, x_dtype: str = "float32", ks: int = 4, unroll: int = 2, sms: int = 132):
+    """The tensor-core kernel for a `cuda_kernels.Packed` weight at M = m: ``bsr`` (blocks of
+    multiples of 16; its values reordered by `fragment_order`) or ``tile_bitmap``, as a
+    `cuda_kernels.CUDAKernel`."""
+    n, k = packed.shape
+    if not 1 <= m <= MAX_M:
+        raise UnfitError(f"tensor-core sparse kernels take M <= {MAX_M}; got M={m}")
+    weights = dict(packed.weights)
+    if packed.format == "tile_bitmap":
+        lay, sched = tile_bitmap_layout(n, k, packed.meta["S"]), {}
+    else:
+        r, c = packed.meta["block"]
+        if r % 16 or c % 16:
+            raise UnfitError(f"tensor-core BSR needs blocks of multiples of 16; got {r}x{c}")
+        nb = packed.meta["NB"]
+        weights["data"] = fragment_order(weights["data"].reshape(nb, r, c))
+        lay, sched = bsr_layout(n, k, nb, r, c), {"block": (r, c), "tc": 1}
+    prim = _mma_func(m, n, k, x_dtype, ks, unroll, sms, lay)
+    symbol = f"sg_cuda_{packed.format}_mma_m{m}_n{n}_k{k}_{next(_SYMBOLS)}"
+    sched = {**sched, "ks": ks, "unroll": unroll}
+    return CUDAKernel(
+        packed.format, (m, n, k), prim.with_attr("global_symbol", symbol), weights, symbol, x_dtype, sched
+    )
