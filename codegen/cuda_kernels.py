@@ -28,7 +28,7 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   blocks (lane l takes chunks ``l + 32 h`` of a block: a 16x16 block is one 512-byte warp
   load), X read from global memory, lanes of a row summed with shuffles and the ``ks``
   warps through shared memory. On the H100 at M = 1 it is 4-12 % faster than the row
-  kernel, at M = 4 20-45 % (`benchmarks/gpu_bsr_blocks.py`). For blocks of multiples of
+  kernel, at M = 4 20-45 % (`benchmarks/gpu_decode_kernels.py`). For blocks of multiples of
   16, a third on tensor cores (`cuda_sparse_mma`, ``tc=1``, M <= 64), scheduled first
   from M = 2: at M = 16 it keeps ~90 % of the M = 1 ratio where the block kernel keeps 40 %.
 * ``tile_bitmap`` (`cuda_sparse_mma`, M <= 64): unstructured W as 16 x 16 tiles of a
@@ -128,7 +128,7 @@ def schedules(
 
 def _bsr_tensor_core_schedules(m: int) -> list[dict[str, int]]:
     """The tensor-core BSR kernel's schedules (`cuda_sparse_mma`), best first; first for M > 1.
-    Measured on an H100 (`benchmarks/gpu_bsr_blocks.py`, 8192->28672): at M = 16 it keeps
+    Measured on an H100 (`benchmarks/gpu_decode_kernels.py`, 8192->28672): at M = 16 it keeps
     93 % of the M = 1 ratio where the CUDA-core block kernel keeps 40 %; at M = 1 the two tie."""
     from . import cuda_sparse_mma
 
@@ -139,7 +139,7 @@ def _bsr_tensor_core_schedules(m: int) -> list[dict[str, int]]:
 
 def _bsr_block_schedules(m: int, block_rows: int) -> list[dict[str, int]]:
     """The block kernel's schedules (`_bsr_blocks_func`), best first. Measured on an H100
-    (`benchmarks/gpu_bsr_blocks.py`): at M = 1, 8 warps per block row (16 when there are
+    (`benchmarks/gpu_decode_kernels.py`): at M = 1, 8 warps per block row (16 when there are
     <= 512 block rows, 11008->4096) and 2 blocks in flight per lane; at M = 4, half the
     warps (4 on the larger grids)."""
     ks = 16 if block_rows <= 512 else 8
