@@ -39,9 +39,10 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   dense kernels the sparse ones are dispatched against.
 
 Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75; 2:4 nm 1.125
-per dense entry; bsr 2 per block entry; tile_bitmap 2 per stored entry + 0.14. Decode at M = 1 is bound by these bytes (the
-kernels are written so that each warp issues 16-byte loads only), so the best a kernel
-can do against a dense GEMV is dense bytes / its bytes.
+per dense entry; bsr 2 per block entry; tile_bitmap 2 per stored entry plus 0.14 per
+dense entry. Decode at M = 1 is bound by these bytes (the kernels are written so that
+each warp issues 16-byte loads only), so the best a kernel can do against a dense GEMV is
+dense bytes / its bytes.
 """
 
 from __future__ import annotations
