@@ -101,8 +101,10 @@ class _Layout:
     """How the generic kernel (`_mma_func`) finds a block row's blocks and their values:
     `r` x `c` blocks; the two index arrays' (shape, dtype); ``span(i1, i2, br)`` -> (first
     block, blocks) of block row br; ``column(i1, blk, br)`` -> block blk's first input
-    channel; `load_a(vals, i1, i2, af, ld, u, blk, lane)` -> block blk's A fragments into
-    ``af[u * SUB * 8:]``."""
+    channel; `load_a(vals, i1, i2, af, ld, words, first, u, blk, lane)` -> block blk's A
+    fragments into ``af[u * SUB * 8:]``. Where the values' addresses depend on loaded
+    metadata, ``prefetch(i1, i2, words, first, u, blk)`` loads it (`words` uint32 and one
+    int32 per block) for all `unroll` blocks first, so that their loads overlap."""
 
     r: int
     c: int
@@ -112,6 +114,8 @@ class _Layout:
     span: Callable
     column: Callable
     load_a: Any
+    prefetch: Any = None
+    words: int = 0
 
 
 def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
@@ -120,7 +124,7 @@ def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
     SUB = (r // 16) * (c // 16)
 
     @T.macro
-    def load_a(vals, idx, ptr, af, ld, u, blk, lane):
+    def load_a(vals, idx, ptr, af, ld, words, first, u, blk, lane):
         for s in T.unroll(SUB):
             # through `ld`: a vector-typed `af` would shift the mma operands' offsets to vector units
             for v in T.vectorized(8):
@@ -146,20 +150,23 @@ def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
     KT = K // 16
 
     @T.macro
-    def load_a(vals, masks, offsets, af, ld, u, blk, lane):
-        words = T.decl_buffer((8,), "uint32", scope="local")
-        mine = T.decl_buffer((1,), "uint32", scope="local")
-        pos = T.decl_buffer((1,), "int32", scope="local")
+    def prefetch(masks, offsets, words, first, u, blk):
         for h in T.unroll(2):  # the tile's whole mask: two 16-byte loads, the same for every lane
             for v in T.vectorized(4):
-                words[h * 4 + v] = masks[blk * 8 + h * 4 + v]
+                words[u * 8 + h * 4 + v] = masks[blk * 8 + h * 4 + v]
+        first[u] = offsets[blk]
+
+    @T.macro
+    def load_a(vals, masks, offsets, af, ld, words, first, u, blk, lane):
+        mine = T.decl_buffer((1,), "uint32", scope="local")
+        pos = T.decl_buffer((1,), "int32", scope="local")
         mine[0] = T.uint32(0)
-        pos[0] = offsets[blk]
+        pos[0] = first[u]
         for j in T.unroll(8):  # the values of the lanes before this one come first
             if j < lane // 4:
-                pos[0] = pos[0] + T.Cast("int32", T.popcount(words[j]))
+                pos[0] = pos[0] + T.Cast("int32", T.popcount(words[u * 8 + j]))
             if j == lane // 4:
-                mine[0] = words[j]
+                mine[0] = words[u * 8 + j]
         shift = T.meta_var(T.Cast("uint32", lane % 4 * 8))
         pos[0] = pos[0] + T.Cast(
             "int32", T.popcount(T.bitwise_and(mine[0], T.shift_left(T.uint32(1), shift) - T.uint32(1)))
@@ -180,6 +187,8 @@ def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
         lambda masks, offsets, br: (br * KT, KT),
         lambda masks, blk, br: (blk - br * KT) * 16,
         load_a,
+        prefetch,
+        8,
     )
 
 
@@ -215,6 +224,8 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                     ld = T.decl_buffer((8,), "float16", scope="local")  # one 16-byte load
                     xv = T.decl_buffer((2,), xdtype, scope="local")  # one 4- or 8-byte load
                     bf = T.decl_buffer((MT * 4,), "float16", scope="local")
+                    words = T.decl_buffer((unr * max(lay.words, 1),), "uint32", scope="local")
+                    first_v = T.decl_buffer((unr,), "int32", scope="local")
                     acc = T.decl_buffer((ACC,), "float32", scope="local")
                     g = T.meta_var(lane // 4)
                     t2 = T.meta_var(lane % 4 * 2)
@@ -227,11 +238,15 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                             for i in T.unroll(ACC):
                                 acc[i] = T.float32(0)
                             for j in range((mine + unr - 1) // unr):
+                                if lay.prefetch is not None:
+                                    for u in T.unroll(unr):
+                                        if j * unr + u < mine:
+                                            blk = T.meta_var(first + (j * unr + u) * ks)
+                                            lay.prefetch(idx, ptr, words, first_v, u, blk)
                                 for u in T.unroll(unr):
                                     if j * unr + u < mine:
-                                        lay.load_a(
-                                            vals, idx, ptr, af, ld, u, first + (j * unr + u) * ks, lane
-                                        )
+                                        blk = T.meta_var(first + (j * unr + u) * ks)
+                                        lay.load_a(vals, idx, ptr, af, ld, words, first_v, u, blk, lane)
                                 for u in T.unroll(unr):
                                     if j * unr + u < mine:
                                         col0 = T.meta_var(lay.column(idx, first + (j * unr + u) * ks, br))
