@@ -11,9 +11,13 @@ one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Two format
 * **Tile bitmaps** for unstructured W (`tile_bitmap_layout`, `pack_tile_bitmap`): every
   16 x 16 tile is stored, as a 256-bit mask in fragment order (lane l's byte: which of its 8
   fragment entries are nonzero), its nonzero values in fragment order (lane-major), and the
-  tile's offset into them; lane l finds its values at that offset plus the popcount of the
-  mask bytes of the lanes before it. Bytes per weight entry: 2 x density + 1/8 + 1/64 (1.14
-  at 50 %, 0.74 at 70 %, 0.34 at 90 %; dense 2). The tensor-core-aware bitmap of SpInfer
+  tile's offset into them; lane l loads the mask word that holds its byte and finds its
+  values at that offset plus the lanes before it (a 5-step warp scan of the bytes'
+  popcounts), one predicated 2-byte load per set bit. Bytes per weight entry: 2 x density
+  + 1/8 + 1/64 (1.14 at 50 %, 0.74 at 70 %, 0.34 at 90 %; dense 2). Decoding takes ~60
+  instructions per tile and warp (an estimate from the generated code), so on the H100 (~0.9
+  T warp instructions/s) it should be bound by instructions rather than bytes above ~70 %
+  sparsity. The tensor-core-aware bitmap of SpInfer
   (Fan et al., "SpInfer: Leveraging Low-Level Sparsity for Efficient Large Language Model
   Inference on GPUs", EuroSys 2025), decoded into registers rather than shared memory.
 
@@ -103,8 +107,8 @@ class _Layout:
     block, blocks) of block row br; ``column(i1, blk, br)`` -> block blk's first input
     channel; `load_a(vals, i1, i2, af, ld, words, first, u, blk, lane)` -> block blk's A
     fragments into ``af[u * SUB * 8:]``. Where the values' addresses depend on loaded
-    metadata, ``prefetch(i1, i2, words, first, u, blk)`` loads it (`words` uint32 and one
-    int32 per block) for all `unroll` blocks first, so that their loads overlap."""
+    metadata, ``prefetch(i1, i2, words, first, u, blk, lane)`` loads it (`words` uint32 and
+    one int32 per block) for all `unroll` blocks first, so that their loads overlap."""
 
     r: int
     c: int
@@ -150,29 +154,25 @@ def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
     KT = K // 16
 
     @T.macro
-    def prefetch(masks, offsets, words, first, u, blk):
-        for h in T.unroll(2):  # the tile's whole mask: two 16-byte loads, the same for every lane
-            for v in T.vectorized(4):
-                words[u * 8 + h * 4 + v] = masks[blk * 8 + h * 4 + v]
+    def prefetch(masks, offsets, words, first, u, blk, lane):
+        words[u] = masks[blk * 8 + lane // 4]  # the mask word holding this lane's byte
         first[u] = offsets[blk]
 
     @T.macro
     def load_a(vals, masks, offsets, af, ld, words, first, u, blk, lane):
         mine = T.decl_buffer((1,), "uint32", scope="local")
+        before = T.decl_buffer((1,), "int32", scope="local")  # inclusive scan of the lanes' counts
+        pulled = T.decl_buffer((1,), "int32", scope="local")
         pos = T.decl_buffer((1,), "int32", scope="local")
-        mine[0] = T.uint32(0)
-        pos[0] = first[u]
-        for j in T.unroll(8):  # the values of the lanes before this one come first
-            if j < lane // 4:
-                pos[0] = pos[0] + T.Cast("int32", T.popcount(words[u * 8 + j]))
-            if j == lane // 4:
-                mine[0] = words[u * 8 + j]
-        shift = T.meta_var(T.Cast("uint32", lane % 4 * 8))
-        pos[0] = pos[0] + T.Cast(
-            "int32", T.popcount(T.bitwise_and(mine[0], T.shift_left(T.uint32(1), shift) - T.uint32(1)))
-        )
+        mine[0] = T.bitwise_and(T.shift_right(words[u], T.Cast("uint32", lane % 4 * 8)), T.uint32(255))
+        before[0] = T.Cast("int32", T.popcount(mine[0]))
+        for d in T.unroll(5):  # the values of the lanes before this one come first
+            pulled[0] = T.tvm_warp_shuffle_up(T.tvm_warp_activemask(), before[0], 1 << d, WARP, WARP)
+            if lane >= 1 << d:
+                before[0] = before[0] + pulled[0]
+        pos[0] = first[u] + before[0] - T.Cast("int32", T.popcount(mine[0]))
         for i in T.unroll(8):
-            if T.bitwise_and(T.shift_right(mine[0], shift + T.uint32(i)), T.uint32(1)) != T.uint32(0):
+            if T.bitwise_and(T.shift_right(mine[0], T.uint32(i)), T.uint32(1)) != T.uint32(0):
                 af[u * 8 + i] = vals[pos[0]]
                 pos[0] = pos[0] + 1
             else:
@@ -188,7 +188,7 @@ def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
         lambda masks, blk, br: (blk - br * KT) * 16,
         load_a,
         prefetch,
-        8,
+        1,
     )
 
 
@@ -242,7 +242,7 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                                     for u in T.unroll(unr):
                                         if j * unr + u < mine:
                                             blk = T.meta_var(first + (j * unr + u) * ks)
-                                            lay.prefetch(idx, ptr, words, first_v, u, blk)
+                                            lay.prefetch(idx, ptr, words, first_v, u, blk, lane)
                                 for u in T.unroll(unr):
                                     if j * unr + u < mine:
                                         blk = T.meta_var(first + (j * unr + u) * ks)

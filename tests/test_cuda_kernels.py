@@ -182,8 +182,8 @@ TILE_SCHEDULES = ck.SCHEDULE_SPACE["tile_bitmap"]
 
 
 def _decode_tile_bitmap(weights, n, k):
-    """W from `pack_tile_bitmap`'s arrays, decoded lane by lane as the kernel does (prefix
-    popcounts of the tile's mask words, then the lane's set bits in order)."""
+    """W from `pack_tile_bitmap`'s arrays, decoded lane by lane as the kernel does (the tile's
+    offset plus the set bits of the lanes before, then the lane's set bits in order)."""
     from sparsegraph.codegen.cuda_sparse_mma import _fragment_index
 
     rows, cols = _fragment_index()
@@ -227,7 +227,7 @@ def test_tile_bitmap_kernel_builds():
         )
         src = kern.source()
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "__popc" in src
-        assert "*(uint4*)" in src  # a tile's mask: two 16-byte loads
+        assert src.count("__shfl_up_sync") >= 5  # the lanes' value counts: a warp scan
         assert kern.nbytes == packed.nbytes
     assert "tile_bitmap" not in {f for f, _ in ck.candidates(w, 16)}  # not dispatched before its GPU test
     with pytest.raises(UnfitError, match="M <= 64"):
