@@ -97,9 +97,9 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
     "dlight": [{}],
     "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
     "cublas": [{}],  # `cublas.gemm` through a packed function, where a libcublas loads
-    #: unstructured W on tensor cores (`cuda_sparse_mma`), M = 1..64; not in `candidates`
-    #: until it has passed its GPU test
-    "tile_bitmap": [{"ks": 2, "unroll": 4}, {"ks": 4, "unroll": 2}, {"ks": 4, "unroll": 4}],
+    #: unstructured W on tensor cores, M = 1..64 (per shape: `cuda_sparse_mma.schedules`);
+    #: not in `candidates` until it has passed its GPU test
+    "tile_bitmap": [{}],
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
 MMA_MIN_M = 4
@@ -116,8 +116,12 @@ def schedules(
         from . import cuda_mma
 
         return cuda_mma.schedules(m, n, k, "float16", wgmma=is_hopper(target or cuda_target()))
+    if fmt == "tile_bitmap":
+        from . import cuda_sparse_mma
+
+        return cuda_sparse_mma.schedules(m, n, 16)
     if fmt == "bsr" and block is not None:
-        tc = _bsr_tensor_core_schedules(m) if block[0] % 16 == block[1] % 16 == 0 else []
+        tc = _bsr_tensor_core_schedules(m, n, block[0]) if block[0] % 16 == block[1] % 16 == 0 else []
         if m > MAX_M:
             return tc
         if (block[0] * block[1]) % 256 == 0:
@@ -127,15 +131,13 @@ def schedules(
     return SCHEDULE_SPACE[fmt]
 
 
-def _bsr_tensor_core_schedules(m: int) -> list[dict[str, int]]:
-    """The tensor-core BSR kernel's schedules (`cuda_sparse_mma`), best first; first for M > 1.
+def _bsr_tensor_core_schedules(m: int, n: int, r: int) -> list[dict[str, int]]:
+    """The tensor-core BSR kernel's schedules (`cuda_sparse_mma.schedules`), first for M > 1.
     Measured on an H100 (`benchmarks/gpu_decode_kernels.py`, 8192->28672): at M = 16 it keeps
     93 % of the M = 1 ratio where the CUDA-core block kernel keeps 40 %; at M = 1 the two tie."""
     from . import cuda_sparse_mma
 
-    if m > cuda_sparse_mma.MAX_M:
-        return []
-    return [{"tc": 1, "ks": 2, "unroll": 4}, {"tc": 1, "ks": 4, "unroll": 4}]
+    return [{"tc": 1, **s} for s in cuda_sparse_mma.schedules(m, n, r)]
 
 
 def _bsr_block_schedules(m: int, block_rows: int) -> list[dict[str, int]]:

@@ -47,7 +47,27 @@ from .formats import UnfitError
 
 WARP = 32
 MAX_M = 64
+REDUCE_SMEM = 64 * 1024  # largest cross-warp reduction buffer (bytes), as measured on the H100
 _SYMBOLS = itertools.count()
+
+
+def _reduce_bytes(m: int, r: int, ks: int) -> int:
+    """Shared memory of the `ks` warps' C-fragment reduction at M = m, blocks of r rows."""
+    return ks * (r // 16) * -(-m // 8) * 4 * WARP * 4
+
+
+def schedules(m: int, n: int, r: int) -> list[dict[str, int]]:
+    """Two schedules to time, best guess first, for N outputs in blocks of r rows at M = m:
+    `ks` warps per block row such that ~2048 warps run (2 to 8, within `REDUCE_SMEM`), then
+    half as many (4 after 2), ``unroll`` 4. On the H100 (BSR at M = 4-64, ks 2 and 4 timed):
+    with 1792 block rows ks = 2 won, with 128-688 ks = 4 always did, so fewer block rows want
+    more warps each; both winners stay among the two."""
+    ks = 2
+    while ks < 8 and n // r * ks < 2048:
+        ks *= 2
+    while ks > 2 and _reduce_bytes(m, r, ks) > REDUCE_SMEM:
+        ks //= 2
+    return [{"ks": ks, "unroll": 4}, {"ks": 4 if ks == 2 else ks // 2, "unroll": 4}]
 
 
 def _fragment_index() -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +220,8 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
         raise ValueError(
             f"tensor-core sparse kernels: M <= {MAX_M}, blocks of multiples of 16 dividing N and K"
         )
+    if _reduce_bytes(M, r, ks) > REDUCE_SMEM:
+        raise UnfitError(f"{ks} warps per block row at M = {M}: the reduction exceeds {REDUCE_SMEM} bytes")
     RS, CS = r // 16, c // 16
     SUB, MT = RS * CS, -(-M // 8)  # 16x16 sub-blocks per block, 8-row tiles of X
     NBR = N // r

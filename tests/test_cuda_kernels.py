@@ -178,7 +178,7 @@ def test_bsr_tensor_core_kernel_builds(block, m):
         ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, tc=1)
 
 
-TILE_SCHEDULES = ck.SCHEDULE_SPACE["tile_bitmap"]
+TILE_SCHEDULES = [{"ks": 2, "unroll": 4}, {"ks": 4, "unroll": 2}, {"ks": 8, "unroll": 4}]
 
 
 def _decode_tile_bitmap(weights, n, k):
@@ -222,9 +222,7 @@ def test_tile_bitmap_kernel_builds():
     w = pruned(128, 512, 0.7, 3)
     packed = ck.pack("tile_bitmap", w)
     for m, sched in [(1, 0), (16, 1), (64, 2)]:
-        kern = ck.build(
-            "tile_bitmap", packed, m, x_dtype="float16", **ck.SCHEDULE_SPACE["tile_bitmap"][sched]
-        )
+        kern = ck.build("tile_bitmap", packed, m, x_dtype="float16", **TILE_SCHEDULES[sched])
         src = kern.source()
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "__popc" in src
         assert src.count("__shfl_up_sync") >= 5  # the lanes' value counts: a warp scan
@@ -232,6 +230,20 @@ def test_tile_bitmap_kernel_builds():
     assert "tile_bitmap" not in {f for f, _ in ck.candidates(w, 16)}  # not dispatched before its GPU test
     with pytest.raises(UnfitError, match="M <= 64"):
         ck.build("tile_bitmap", packed, 65)
+
+
+def test_tensor_core_schedules_fit_the_grid_and_shared_memory():
+    from sparsegraph.codegen.cuda_sparse_mma import REDUCE_SMEM, _reduce_bytes
+
+    assert [s["ks"] for s in ck.schedules("tile_bitmap", 16, 28672, 8192)] == [2, 4]  # 1792 block rows
+    assert [s["ks"] for s in ck.schedules("tile_bitmap", 16, 4096, 11008)] == [8, 4]  # 256: more warps each
+    for m in (1, 16, 64):
+        for n, r in [(4096, 16), (4096, 32), (28672, 32)]:
+            tc = [s for s in ck.schedules("bsr", m, n, 512, block=(r, r)) if "tc" in s]
+            assert len(tc) == 2 and all(_reduce_bytes(m, r, s["ks"]) <= REDUCE_SMEM for s in tc)
+    w = pruned(128, 512, 0.7, 3, "b", (32, 32))
+    with pytest.raises(UnfitError, match="reduction exceeds"):
+        ck.build("bsr", ck.pack("bsr", w, block=(32, 32)), 64, tc=1, ks=16)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -244,7 +256,5 @@ def test_tile_bitmap_kernel_matches_numpy_on_gpu(x_dtype, sparsity):
         w[:16] = 0  # a tile row without values
         packed = ck.pack("tile_bitmap", w)
         for m, sched in [(1, 0), (5, 1), (16, 0), (64, 2)]:
-            kern = ck.build(
-                "tile_bitmap", packed, m, x_dtype=x_dtype, **ck.SCHEDULE_SPACE["tile_bitmap"][sched]
-            )
+            kern = ck.build("tile_bitmap", packed, m, x_dtype=x_dtype, **TILE_SCHEDULES[sched])
             _assert_matches_on_gpu(kern, w, rng)
