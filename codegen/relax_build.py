@@ -104,8 +104,24 @@ def specialise(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     graph.cleanup()
     inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph))
     graph = gs.import_onnx(inferred)
+    _fold_static_shapes(graph)
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     return gs.export_onnx(graph)
+
+
+def _fold_static_shapes(graph: gs.Graph) -> None:
+    """Every `Shape` with `start` / `end` (opset 15+) of a static-shape tensor becomes a
+    constant: onnx-graphsurgeon 0.6's `fold_shapes` ignores them (it folds the whole shape,
+    so `Shape(x, start=1, end=2)` of dynamo exports came out two long)."""
+    for node in graph.nodes:
+        sliced = node.op == "Shape" and ("start" in node.attrs or "end" in node.attrs)
+        shape = node.inputs[0].shape if sliced else None
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            continue
+        dims = shape[slice(node.attrs.get("start", 0), node.attrs.get("end"))]  # ONNX clamps as slicing does
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(np.array(dims, dtype=np.int64))
 
 
 def import_bucket(

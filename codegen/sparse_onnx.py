@@ -97,9 +97,11 @@ def register_schema() -> None:
 
 
 def choose_format(w: np.ndarray) -> tuple[str, dict] | None:
-    """The smallest format for `w[N, K]` per the cost model, or None if dense is smallest."""
-    cost = op_cost("w", w)
-    name = cost.best_format
+    """The smallest format SparseMatMul holds (dense, CSR, bitmap, N:M, BSR) for `w[N, K]`
+    per the cost model, or None if dense is smallest."""
+    sizes = op_cost("w", w).bytes_by_format
+    held = [k for k in sizes if k == "dense" or k in _FORMAT_OF_COST or k.startswith(("nm", "bsr"))]
+    name = min(held, key=sizes.get)
     if name == "dense":
         return None
     if name.startswith("nm"):
