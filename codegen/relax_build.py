@@ -102,10 +102,12 @@ def specialise(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
             raise UsageError(f"no static shape given for model input {t.name!r}")
         t.shape = list(shapes[t.name])
     graph.cleanup()
-    inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph))
-    graph = gs.import_onnx(inferred)
-    _fold_static_shapes(graph)
-    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
+    count = None
+    while count != len(graph.nodes):  # to a fixed point: a folded Reshape target makes the
+        count = len(graph.nodes)  # next layer's shapes inferable (TorchScript exports)
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(graph)))
+        _fold_static_shapes(graph)
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     return gs.export_onnx(graph)
 
 

@@ -78,3 +78,28 @@ def test_choose_format_picks_only_formats_sparse_onnx_holds(tmp_path):
     xs = rng.standard_normal((3, 256)).astype(np.float32)
     sess = ort.InferenceSession(str(restored), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"X": xs})[0], xs @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_specialise_folds_shapes_that_only_earlier_folds_make_static():
+    """TorchScript exports (OPT) reshape with targets computed from Shape, so a later Shape's
+    input is static only once the earlier target is folded; one round of inference + folding
+    left symbolic dims and the activation-sparse rewrite crashed on int(Mul)."""
+    nodes = [
+        helper.make_node("Shape", ["X"], ["s"]),
+        helper.make_node("Reshape", ["X", "s"], ["t"]),
+        helper.make_node("Shape", ["t"], ["u"]),
+        helper.make_node("Reshape", ["t", "u"], ["v"]),
+        helper.make_node("Shape", ["v"], ["w"]),
+        helper.make_node("Reshape", ["v", "w"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", F32, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("Y", F32, None)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    spec = specialise(proto, {"X": [2, 3, 4]})
+    assert not any(n.op_type == "Shape" for n in spec.graph.node)
+    func = import_bucket(proto, {"X": [2, 3, 4]})
+    assert [int(d) for d in func.ret_ty.shape] == [2, 3, 4]
