@@ -4,13 +4,17 @@ against): each test rebuilds the smallest graph that showed the bug."""
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sparsegraph as sg
+from sparsegraph.calibration import Calibration
 from sparsegraph.codegen import sparse_onnx
 from sparsegraph.codegen.formats import FORMATS
 from sparsegraph.codegen.relax_build import import_bucket, specialise
 from sparsegraph.passes.analysis.cost_model import op_cost
+
+from graphs import matmul_chain
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -103,3 +107,17 @@ def test_specialise_folds_shapes_that_only_earlier_folds_make_static():
     assert not any(n.op_type == "Shape" for n in spec.graph.node)
     func = import_bucket(proto, {"X": [2, 3, 4]})
     assert [int(d) for d in func.ret_ty.shape] == [2, 3, 4]
+
+
+def test_sensitivity_reports_calibration_that_does_not_fit_a_static_shape_model(tmp_path):
+    """Exports with static input shapes ([1, 8]) are common; calibration of another shape was
+    a clear UsageError in every calibrated pass but `sensitivity` (mse/cosine loss), which let
+    onnxruntime's InvalidArgument escape."""
+    path = tmp_path / "static.onnx"
+    onnx.save(matmul_chain(batch=1), path)  # X is [1, 8]
+    calib = Calibration([{"X": np.ones((2, 8), np.float32)}])
+    steps = [{"pass": "sensitivity", "sparsity": 0.5, "metric": "mse"}]
+    with pytest.raises(sg.UsageError, match="calibration feeds do not fit the model"):
+        sg.compile_model(path, {"steps": steps}, tmp_path / "out", calib=calib)
+    fits = Calibration([{"X": np.ones((1, 8), np.float32)}])
+    assert sg.compile_model(path, {"steps": steps}, tmp_path / "out", calib=fits).report["sensitivity"]

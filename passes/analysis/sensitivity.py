@@ -42,7 +42,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pydantic
 
-from sparsegraph.calibration import _session, calibration_of, missing_calibration
+from sparsegraph.calibration import _run, _session, calibration_of, missing_calibration
 from sparsegraph.errors import UsageError
 from sparsegraph.eval.perplexity import perplexity
 from sparsegraph.feeds import _index_bound
@@ -227,7 +227,9 @@ class OutputLoss:
         self.reference: list[list[np.ndarray]] | None = None
 
     def __call__(self, session) -> float:
-        got = [[np.asarray(y, np.float64) for y in session.run(self.outputs, f)] for f in self.feeds]
+        got = [
+            [np.asarray(y, np.float64) for y in _run(session, self.outputs, f).values()] for f in self.feeds
+        ]
         if self.reference is None:  # the first session measured is the dense model
             self.reference = got
         if self.metric == "mse":
