@@ -4,10 +4,11 @@ made at run time that no test was written against.
 Models: the test fixtures (`tests/fixtures/*.onnx`), stories260K, and tiny random Hugging
 Face models exported here into a temporary folder (never committed): OPT (TorchScript
 exporter, opset 13), Qwen2 with grouped-query attention (1 KV head for 4 query heads;
-dynamo, opset 18), the same with a KV cache (`qwen2_gqa_kv`), Mistral with GQA (dynamo,
-opset 18), DistilBERT (TorchScript, opset 14); Mistral again with its weights in an
-external data file; llama_tiny_kv, opt_tiny and gpt2_tiny_legacy again with every node and
-tensor renamed and all metadata dropped (`*_anon`). Each (model, recipe) is compiled with
+dynamo, opset 18), the same with a KV cache (`qwen2_gqa_kv`), Mistral with GQA (TorchScript,
+opset 13), DistilBERT (TorchScript, opset 14); Mistral again with its weights in an
+external data file; llama_tiny with static [1, 8] inputs; llama_tiny_kv, opt_tiny and
+gpt2_tiny_legacy again with every node and tensor renamed and all metadata dropped
+(`*_anon`). Each (model, recipe) is compiled with
 `sparsegraph.compile_model` to the portable artifact, validated against the original in
 onnxruntime on random feeds, and classified:
 
@@ -24,8 +25,8 @@ onnxruntime on random feeds, and classified:
 
 Calibrated recipes get stories260K's tokenizer and TinyStories text on stories260K and
 random token ids (vocabulary from the graph's embedding table) elsewhere. stories260K and
-llama_tiny are also compiled with `--target llvm` for magnitude50 and teal50, qwen2_gqa for
-magnitude50 and opt_tiny for teal50. Writes `benchmarks/results/generality.{md,json}`.
+llama_tiny are also compiled with `--target llvm` for magnitude50 and teal50, qwen2_gqa and
+llama_tiny_static for magnitude50 and opt_tiny for teal50. Writes `benchmarks/results/generality.{md,json}`.
 
     python benchmarks/generality.py [--models a,b] [--recipes x,y] [--no-llvm]
 """
@@ -62,6 +63,7 @@ RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
 RESULTS = ROOT / "benchmarks" / "results"
 LLVM_CASES = [("stories260K", "magnitude50"), ("stories260K", "teal50"), ("llama_tiny", "magnitude50")]
 LLVM_CASES += [("llama_tiny", "teal50"), ("qwen2_gqa", "magnitude50"), ("opt_tiny", "teal50")]
+LLVM_CASES += [("llama_tiny_static", "magnitude50")]
 VOCAB = 100
 ANONYMIZED = ("llama_tiny_kv", "opt_tiny", "gpt2_tiny_legacy")
 
@@ -117,8 +119,8 @@ def export_models(folder: Path) -> dict[str, tuple[Path, object]]:
             transformers.MistralForCausalLM,
             transformers.MistralConfig(**small, intermediate_size=64, num_key_value_heads=2),
             "eager",
-            True,
-            18,
+            False,
+            13,
         ),
     }
     out = {}
@@ -221,6 +223,20 @@ def anonymize(src: Path, dst: Path) -> Path:
     return dst
 
 
+def static_shapes(src: Path, dst: Path, shape=(1, 8)) -> Path:
+    """A copy of `src` whose inputs have the static shape `shape` (exports traced without
+    dynamic axes look like this)."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for i in m.graph.input:
+        for d, v in zip(i.type.tensor_type.shape.dim, shape, strict=False):
+            d.ClearField("dim_param")
+            d.dim_value = v
+    onnx.save(m, str(dst))
+    return dst
+
+
 def external_data(src: Path, folder: Path) -> Path:
     """A copy of `src` with every initializer in an external data file (how exports over
     2 GB, and many hub models, are stored)."""
@@ -274,13 +290,15 @@ def needs_calibration(recipe: Path) -> bool:
 
 
 def random_calibration(path: Path, seed: int = 0) -> Calibration:
-    """Random token ids (4 batches of 2 x 16) for the model's token input."""
+    """Random token ids (4 batches of 2 x 16, or the input's static shape) for the model's
+    token input."""
     model = sg.Model.load(path)
     name = token_input(model)
     tensor = next(t for t in model.graph.inputs if t.name == name)
     vocab = _index_bound(tensor) or VOCAB
+    shape = [d if isinstance(d, int) else n for d, n in zip(tensor.shape, (2, 16), strict=True)]
     rng = np.random.default_rng(seed)
-    return Calibration([{name: rng.integers(0, vocab, (2, 16))} for _ in range(4)])
+    return Calibration([{name: rng.integers(0, vocab, shape)} for _ in range(4)])
 
 
 def compile_case(model: Path, recipe: Path, out: Path, target: str | None, min_cosine: float) -> dict:
@@ -332,14 +350,16 @@ def skip_reasons(model: Path, recipe: Path, kwargs: dict) -> str:
 
 def compiled_error(out: Path) -> float:
     """Max |compiled - onnxruntime(portable)| / max |onnxruntime| over the outputs, on one
-    random batch of the compiled bucket (batch 1, sequence 1)."""
+    random batch of the compiled bucket (batch 1, sequence 1 where the dims are symbolic)."""
     from sparsegraph.runtime import Session
     from sparsegraph.validate import run, session
 
     model = sg.Model.load(out / "portable.onnx")
     name = token_input(model)
-    vocab = _index_bound(next(t for t in model.graph.inputs if t.name == name)) or VOCAB
-    feeds = complete_feeds(model, {name: np.random.default_rng(1).integers(0, vocab, (1, 1))})
+    tensor = next(t for t in model.graph.inputs if t.name == name)
+    shape = [d if isinstance(d, int) else 1 for d in tensor.shape]
+    ids = np.random.default_rng(1).integers(0, _index_bound(tensor) or VOCAB, shape)
+    feeds = complete_feeds(model, {name: ids})
     ref = run(session(out / "portable.onnx"), feeds)
     sess = Session(out)
     got = sess.run(list(ref), feeds)
@@ -434,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ANONYMIZED:  # names carry nothing: structure only
                 models[f"{name}_anon"] = anonymize(models[name], tmp / f"{name}_anon.onnx")
             models["mistral_gqa_extdata"] = external_data(models["mistral_gqa"], tmp / "extdata")
+            models["llama_tiny_static"] = static_shapes(models["llama_tiny"], tmp / "llama_tiny_static.onnx")
         models = {k: v for k, v in models.items() if pick is None or k in pick}
         recipes = [r for r in RECIPES if not args.recipes or r.stem in args.recipes.split(",")]
         cases = [(m, r.stem, None) for m in models for r in recipes]
