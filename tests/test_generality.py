@@ -121,3 +121,14 @@ def test_sensitivity_reports_calibration_that_does_not_fit_a_static_shape_model(
         sg.compile_model(path, {"steps": steps}, tmp_path / "out", calib=calib)
     fits = Calibration([{"X": np.ones((1, 8), np.float32)}])
     assert sg.compile_model(path, {"steps": steps}, tmp_path / "out", calib=fits).report["sensitivity"]
+
+
+def test_kv_recipe_on_a_model_without_kv_cache_names_the_file(tmp_path):
+    """The sweep's most common clear error (a KV recipe on a model without a cache) said which
+    pass and why but not which model."""
+    path = tmp_path / "no_cache.onnx"
+    onnx.save(matmul_chain(), path)
+    steps = [{"pass": "kv_cache", "policy": "window_sink", "budget": 8, "sinks": 1}]
+    with pytest.raises(sg.UnsupportedOpError, match=r"'kv_cache' on no_cache\.onnx: no attention site"):
+        sg.compile_model(path, {"steps": steps}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written

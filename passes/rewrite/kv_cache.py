@@ -109,7 +109,8 @@ class KVCache(RewritePass):
         warnings = [f"{s.node}: fused {s.kind} left unchanged" for s in finding.sites if s.kind != "softmax"]
         if not sites:
             raise UnsupportedOpError(
-                f"pass {self.name!r}: no attention site with a KV cache (past input Concat → present output)"
+                f"pass {self.name!r} on {model.name}: no attention site with a KV cache (past input Concat"
+                " → present output)"
             )
         graph = model.graph
         tensors = graph.tensors()
