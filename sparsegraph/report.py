@@ -113,6 +113,11 @@ def build(
                 "changes": len(res.changes),
                 "seconds": round(sec, 4),
                 "warnings": res.warnings,
+                "skipped": [
+                    {"op": c.op, "reason": str(c.detail.get("reason", ""))}
+                    for c in res.changes
+                    if c.action == "skipped"
+                ],
             }
             for name, res, sec in ctx.history
         ],
@@ -190,6 +195,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {p['pass']} | {p['modified']} | {p['changes']} | {p['seconds']:.3f} "
             f"| {'; '.join(p['warnings']) or '–'} |"
         )
+    skipped = [(p["pass"], s) for p in report["passes"] for s in p.get("skipped", [])]
+    if skipped:  # ops a pass chose to leave alone, and why
+        lines += ["", "Left unchanged:", ""]
+        lines += [f"- `{s['op']}` ({name}): {s['reason'] or 'no reason given'}" for name, s in skipped]
     if "codegen" in report:
         lines += _codegen_markdown(report["codegen"])
     lines += report_sections.markdown(report)

@@ -517,3 +517,15 @@ def test_unify_binds_literals_row_major():
         unify([Var(2)], [Sym("K", 4), 8], "reshape", prefix=True)  # a head count split in two
     with pytest.raises(LayoutError, match="does not match"):
         unify([k], [Opaque("seq")], "add")  # an unknown size facing a head count
+
+
+def test_report_says_why_ops_were_left_unchanged(tmp_path):
+    """25 % of llama_tiny's 2 KV groups rounds to 0: nothing is pruned, and the report says why
+    for each layer instead of only counting the skips."""
+    import json
+
+    sg.compile_model(FIXTURES / "llama_tiny.onnx", EXAMPLES / "recipes" / "prune_heads25.yaml", tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    skipped = [s for p in report["passes"] for s in p["skipped"]]
+    assert skipped and all("rounds to 0" in s["reason"] for s in skipped)
+    assert "Left unchanged:" in (tmp_path / "report.md").read_text()
