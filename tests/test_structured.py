@@ -529,3 +529,44 @@ def test_report_says_why_ops_were_left_unchanged(tmp_path):
     skipped = [s for p in report["passes"] for s in p["skipped"]]
     assert skipped and all("rounds to 0" in s["reason"] for s in skipped)
     assert "Left unchanged:" in (tmp_path / "report.md").read_text()
+
+
+def _torchscript_expand_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with every Expand shape `s` passed through what TorchScript exports for an
+    expand: ``Where(Equal(s, ConstantOfShape(Shape(s)) * -1), ConstantOfShape(Shape(s)), s)``."""
+    graph = gs.import_onnx(proto)
+    for i, node in enumerate([n for n in graph.nodes if n.op == "Expand"]):
+        s = node.inputs[1]
+        n, ones, neg, eq, out = (gs.Variable(f"ts{i}_{k}") for k in ("n", "ones", "neg", "eq", "shape"))
+        one = gs.Constant(f"ts{i}_one", np.array([1], np.int64))
+        graph.nodes += [
+            gs.Node("Shape", inputs=[s], outputs=[n]),
+            gs.Node("ConstantOfShape", inputs=[n], outputs=[ones], attrs={"value": one}),
+            gs.Node("Mul", inputs=[ones, gs.Constant(f"ts{i}_m1", np.array(-1, np.int64))], outputs=[neg]),
+            gs.Node("Equal", inputs=[s, neg], outputs=[eq]),
+            gs.Node("Where", inputs=[eq, ones, s], outputs=[out]),
+        ]
+        node.inputs[1] = out
+    return gs.export_onnx(graph.toposort())
+
+
+def test_prune_heads_follows_torchscript_expand_shapes():
+    """GQA's repeat_kv Expand shape computed through Where(Equal(s, -1), 1, s), as TorchScript
+    exports (Mistral) do: the KV groups are still proven and pruned, exactly as without it."""
+    plain = load("llama_tiny")
+    wrapped = sg.Model.from_proto(_torchscript_expand_shapes(plain.to_proto()))
+
+    def matrices(m: sg.Model) -> int:  # weight entries (the shape constants differ by design)
+        return sum(int(np.prod(i.dims)) for i in m.to_proto().graph.initializer if len(i.dims) >= 2)
+
+    before = {id(m): matrices(m) for m in (plain, wrapped)}
+    want, feeds = outputs(plain)
+    assert all(np.array_equal(v, want[k]) for k, v in outputs(wrapped, feeds)[0].items())
+    prune(plain, "prune_heads", fraction=0.5, mode="kv_groups")
+    ctx = prune(wrapped, "prune_heads", fraction=0.5, mode="kv_groups")
+    assert ctx.history[-1][1].modified
+    removed = [before[id(m)] - matrices(m) for m in (plain, wrapped)]
+    assert removed[0] == removed[1] > 0
+    got, ref = outputs(wrapped, feeds)[0], outputs(plain, feeds)[0]
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=ATOL)

@@ -303,8 +303,13 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
 SHAPE_ARITH = {
     "Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity",
     "Cast", "Mul", "Div", "Add", "Sub", "Max", "Min", "Equal", "Where", "Not", "ReduceProd",
+    "ConstantOfShape", "Neg",
 }  # fmt: skip
 INT64_MAX = np.iinfo(np.int64).max
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
 
 
 # --------------------------------------------------------------------------- records
@@ -554,10 +559,69 @@ class ChannelLayout:
             if len(b) == 1 and len(a) > 1:
                 b = b * len(a)
             r = [self._arith(op, x, y, p) for x, y in zip(a, b, strict=True)]
+        elif op == "Where":  # TorchScript's expand: Where(Equal(s, -1), 1, s) keeps -1 meaning "as is"
+            pick, traced = self._equal_mask(p, use, memo)
+            x = self._sizes_or_plain(p, 1, traced, len(pick), use, memo) if any(pick) else []
+            y = self._sizes_or_plain(p, 2, traced, len(pick), use, memo) if not all(pick) else []
+            r = [(x if take else y)[i if len(x if take else y) > 1 else 0] for i, take in enumerate(pick)]
         else:
             raise LayoutError(f"{self.where}: cannot follow a shape computation through {op} {p.name!r}")
         memo[id(t)] = r
         return r
+
+    def _equal_mask(self, where: gs.Node, use: _ShapeUse, memo: dict) -> tuple[list[bool], gs.Tensor]:
+        """Element by element, whether a shape `Where`'s condition ``Equal(s, c)`` holds (and
+        `s`): `s` a traced shape (sizes, or literals such as an expand's -1), `c` computed from
+        constants (e.g. ``ConstantOfShape(Shape(s)) * -1``). A size whose value is unknown (a
+        batch or sequence length) is never negative, so it equals no negative constant."""
+        eq = producer(where.inputs[0])
+        if eq is None or eq.op != "Equal":
+            raise LayoutError(f"{self.where}: Where {where.name!r} on a condition other than Equal")
+        dims = self._eval(eq.inputs[0], eq, 0, use, memo)
+        other = np.broadcast_to(self._plain(eq.inputs[1], eq.inputs[0], len(dims)), (len(dims),))
+        mask = []
+        for dim, c in zip(dims, other, strict=True):
+            known = dim_value(dim)
+            if known is None and c >= 0:
+                raise LayoutError(f"{self.where}: cannot tell whether a size equals {c} in {where.name!r}")
+            mask.append(known == c)
+        return mask, eq.inputs[0]
+
+    def _sizes_or_plain(
+        self, node: gs.Node, i: int, vector: gs.Tensor, length: int, use: _ShapeUse, memo: dict
+    ) -> list[Dim]:
+        """Input i of `node` traced as sizes, or else computed from constants (fixed sizes)."""
+        try:
+            return self._eval(node.inputs[i], node, i, use, memo)
+        except LayoutError:
+            return [[int(v)] for v in self._plain(node.inputs[i], vector, length)]
+
+    def _plain(self, t: gs.Tensor, vector: gs.Tensor, length: int) -> np.ndarray:
+        """An integer vector computed from constants only: Constant, Shape of a static-shape
+        tensor or of the traced shape `vector` (`length` elements), ConstantOfShape, Cast, Neg
+        and arithmetic on them."""
+        v = constant_value(t)
+        if v is not None:
+            return np.ravel(np.asarray(v)).astype(np.int64)
+        p = producer(t)
+        op = p.op if p is not None else None
+        if op == "Shape" and (p.inputs[0] is vector or _static(p.inputs[0].shape)):
+            shape = [length] if p.inputs[0] is vector else p.inputs[0].shape
+            return np.array(shape[slice(p.attrs.get("start", 0), p.attrs.get("end"))], np.int64)
+        if op == "ConstantOfShape":
+            fill = p.attrs.get("value")
+            fill = 0 if fill is None else int(np.ravel(fill.values)[0])
+            return np.full(int(np.prod(self._plain(p.inputs[0], vector, length))), fill, np.int64)
+        if op in ("Cast", "Identity"):
+            return self._plain(p.inputs[0], vector, length)
+        if op == "Neg":
+            return -self._plain(p.inputs[0], vector, length)
+        if op in ("Mul", "Add", "Sub"):
+            a, b = (self._plain(p.inputs[j], vector, length) for j in (0, 1))
+            return {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract}[op](a, b)
+        raise LayoutError(
+            f"{self.where}: cannot evaluate {t.name!r} ({op or 'a graph input'}) from constants"
+        )
 
     def _arith(self, op: str, a: Dim, b: Dim, node: gs.Node) -> Dim:
         if op == "Mul":

@@ -455,14 +455,16 @@ class PruneHeads(_Structured):
             )
 
         def attempt(suspects):
-            error = LayoutError("the head dim is not inferable")
+            errors = []  # each candidate's reason: the last alone hid the true head dim's
             for hd in _head_dim_candidates(core, shapes, nq, nk):
                 try:
                     args = (projections, o, fused, nq, nk, hd, where, suspects)
                     return (hd, *self._analyze(model, nodes, linear, shapes, *args))
                 except LayoutError as exc:
-                    error = exc
-            raise error
+                    errors.append(str(exc))
+            if len(errors) <= 1:
+                raise LayoutError(errors[0] if errors else "the head dim is not inferable")
+            raise LayoutError(f"no head dim gives a consistent layout: {'; '.join(errors)}")
 
         try:
             hd, layout, (k_sym, r_sym) = with_probe(model, shapes, attempt)
