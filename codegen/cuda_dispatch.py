@@ -166,7 +166,8 @@ class CUDADispatcher:
     def _by_bytes(self, ck, w, m, cands, fp16_dense: int, dense_nbytes: int) -> tuple[Any, GPUDecision]:
         """The bytes model: candidates ranked by their packed size (from the format's byte
         count, without building), the first whose built kernel reads <= BYTES_RATIO x the
-        fp16-dense bytes wins; only that one is built."""
+        fp16-dense bytes wins; only that one is built, with its format's first schedule (the
+        measured best guess: for BSR the block kernel at M = 1, tensor cores from M = 2)."""
         w16 = w.astype(np.float16)
         sizes = {_label(f, p): _estimate(f, p, w16) for f, p in cands}
         timings = {label: b / MODEL_BANDWIDTH for label, b in sizes.items() if b is not None}
@@ -176,8 +177,9 @@ class CUDADispatcher:
             est = sizes[_label(fmt, params)]
             if est is not None and est > BYTES_RATIO * fp16_dense:
                 break
+            first = ck.schedules(fmt, m, *w.shape, self.target, **params)[:1]
             try:
-                kernel = ck.build(fmt, w, m, self.target, **params)
+                kernel = ck.build(fmt, w, m, self.target, **params, **(first[0] if first else {}))
             except UnfitError:
                 continue
             label = _label(fmt, params)

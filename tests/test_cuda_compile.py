@@ -119,6 +119,19 @@ def test_bytes_model_keeps_dense_weights_dense():
     assert decision.nbytes <= BYTES_RATIO * 128 * 256 * 2
 
 
+def test_bytes_model_builds_the_formats_first_schedule():
+    """Without measuring, a BSR 16x16 weight gets the block kernel at M = 1 and tensor cores
+    from M = 2, up to M = 64 where only they take it (not the row kernel, which stops at 16)."""
+    rng = np.random.default_rng(1)
+    keep = np.kron(rng.random((8, 16)) < 0.3, np.ones((16, 16)))
+    w = (rng.standard_normal((128, 256)) * keep).astype(np.float32)
+    d = CUDADispatcher(resolve_target("nvidia/nvidia-h100"), TuningDB(None), measure=False)
+    kernels = {m: d.kernel(f"op{m}", w, m) for m in (1, 16, 48)}
+    assert all(k is not None and k.format == "bsr" for k in kernels.values())
+    assert "ks" in kernels[1].schedule and "tc" not in kernels[1].schedule
+    assert kernels[16].schedule["tc"] == 1 and kernels[48].schedule["tc"] == 1
+
+
 @pytest.mark.skipif(GPU, reason="checks the error where no GPU is visible")
 def test_session_on_a_cuda_module_without_a_gpu_is_a_usage_error(cuda_folder):
     out, _ = cuda_folder
