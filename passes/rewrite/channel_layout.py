@@ -561,9 +561,9 @@ class ChannelLayout:
             r = [self._arith(op, x, y, p) for x, y in zip(a, b, strict=True)]
         elif op == "Where":  # TorchScript's expand: Where(Equal(s, -1), 1, s) keeps -1 meaning "as is"
             pick, traced = self._equal_mask(p, use, memo)
-            x = self._sizes_or_plain(p, 1, traced, len(pick), use, memo) if any(pick) else []
-            y = self._sizes_or_plain(p, 2, traced, len(pick), use, memo) if not all(pick) else []
-            r = [(x if take else y)[i if len(x if take else y) > 1 else 0] for i, take in enumerate(pick)]
+            n = len(pick)
+            side = {t: self._sizes_or_plain(p, 1 if t else 2, traced, n, use, memo) for t in set(pick)}
+            r = [side[t][i % len(side[t])] for i, t in enumerate(pick)]  # a 1-element side broadcasts
         else:
             raise LayoutError(f"{self.where}: cannot follow a shape computation through {op} {p.name!r}")
         memo[id(t)] = r
