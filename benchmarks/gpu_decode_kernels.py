@@ -7,14 +7,16 @@ at M = 1, 4, 16 and 64 (the CUDA-core kernels up to M = 16). Two suites:
   products by ``mma.sync m16n8k16``); writes ``gpu_bsr_blocks.{md,json}``;
 * ``unstructured`` (magnitude-pruned 50 / 70 / 90 %): the 4-bit delta CSR row kernel (the
   CUDA-core kernel dispatch takes for unstructured W) vs tile bitmaps on tensor cores
-  (`cuda_sparse_mma`, ``tile_bitmap``); writes ``gpu_tile_bitmap.{md,json}``.
+  (`cuda_sparse_mma`, ``tile_bitmap``); writes ``gpu_tile_bitmap.{md,json}``;
+* ``nm`` (magnitude 2:4): the n:m row kernel vs ``mma.sp`` on sparse tensor cores
+  (`cuda_sparse_mma`, ``nm`` with ``tc``); writes ``gpu_nm_tc.{md,json}``.
 
 Same weights and timing as `gpu_kernels.py` (random N(0, 1/K) fp16 values, L2 flushed by a
 256 MB write before each call, CUDA events, median), cuBLAS ``F.linear`` on the dense W in
 the same run; every kernel checked against fp32 torch (2e-3 relative). Writes the tables
 after every cell.
 
-    python benchmarks/gpu_decode_kernels.py [--suite bsr|unstructured] [--out DIR] [--reps N]
+    python benchmarks/gpu_decode_kernels.py [--suite bsr|unstructured|nm] [--out DIR] [--reps N]
         [--ms 1,16] [--shapes 0]
 """
 
@@ -35,6 +37,9 @@ SHAPES = [(8192, 28672), (4096, 11008), (11008, 4096)]  # (K, N)
 ROW_SCHEDULES = [{"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 32}, {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32}]
 BLOCK_SCHEDULES = [{"ks": ks, "unroll": u} for ks in (4, 8, 16) for u in (2, 4)]
 TC_SCHEDULES = [{"ks": ks, "unroll": u} for ks in (2, 4, 8, 16) for u in (2, 4)]
+NM_TC_SCHEDULES = [
+    {"rows": r, "ks": ks, "unroll": u} for r in (16, 32, 64) for ks in (2, 4, 8) for u in (2, 4)
+]
 DCSR_SCHEDULES = [{"wpb": 8, "rpw": 0, "unroll": 2, "lpr": lpr} for lpr in (32, 16)]
 #: suite -> patterns (`gpu_kernels.make_weight`), kinds {name: (format, packing, schedules,
 #: extra build parameters, largest M)}, results file stem, table title
@@ -58,10 +63,21 @@ SUITES = {
         "gpu_tile_bitmap",
         "Unstructured decode kernels on the GPU: delta CSR on CUDA cores, tile bitmaps on tensor cores",
     ),
+    "nm": (
+        [("nm", 2)],
+        {
+            "rows": ("nm", "nm", DCSR_SCHEDULES, {}, 16),
+            "sparse_tc": ("nm", "nm", NM_TC_SCHEDULES, {"tc": 1}, 64),
+        },
+        "gpu_nm_tc",
+        "2:4 decode kernels on the GPU: the n:m row kernel on CUDA cores, mma.sp on sparse tensor cores",
+    ),
 }
 
 
 def pattern_name(p: tuple) -> str:
+    if p[0] == "nm":
+        return f"{p[1]}:4"
     return f"bsr {p[1]}x{p[1]} {p[2]:.0%}" if p[0] == "b" else f"unstructured {p[1]:.0%}"
 
 
@@ -130,6 +146,7 @@ def main() -> None:
                     if m > max_m:
                         continue
                     pack_params = {"block": (pattern[1], pattern[1])} if packing == "block" else {}
+                    pack_params = {"n": pattern[1]} if packing == "nm" else pack_params
                     if fmt not in packed:
                         packed[fmt] = ck.pack(fmt, w, **pack_params)
                     for sc in scheds:

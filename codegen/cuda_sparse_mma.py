@@ -70,6 +70,35 @@ def schedules(m: int, n: int, r: int) -> list[dict[str, int]]:
     return [{"ks": ks, "unroll": 4}, {"ks": 4 if ks == 2 else ks // 2, "unroll": 4}]
 
 
+def nm_schedules(m: int, n: int) -> list[dict[str, int]]:
+    """Two schedules of the 2:4 kernel to time at M = m for N outputs, best guess first:
+    blocks of `rows` x 32 (taller blocks load each B fragment of X once for more tiles: from
+    M = 2, 64 rows where N / 64 >= 256 block rows, else 32; at most 1024 / M rows, so the
+    accumulators stay in registers) with `ks` such that ~2048 warps run, then 16 rows. On the
+    H100 (`benchmarks/gpu_decode_kernels.py --suite nm`) at M = 16: 8192->28672 64 rows ks 8
+    (16 rows: 1.5x slower: X read from L2 per block row), 4096->11008 32 rows ks 8; at M = 1
+    16 or 32 rows with more warps."""
+
+    def warps(r: int, want: int) -> int:
+        ks = 2
+        while ks < 16 and n // r * ks < want:
+            ks *= 2
+        while ks > 2 and _reduce_bytes(m, r, ks) > REDUCE_SMEM:
+            ks //= 2
+        return ks
+
+    tall = [r for r in (64, 32) if n % r == 0 and r * m <= 1024 and (r == 32 or n // r >= 256)]
+    if m == 1 or not tall:
+        return [
+            {"rows": 16, "ks": warps(16, 4096), "unroll": 4},
+            {"rows": 16, "ks": warps(16, 2048), "unroll": 2},
+        ]
+    return [
+        {"rows": tall[0], "ks": warps(tall[0], 2048), "unroll": 2},
+        {"rows": 16, "ks": warps(16, 2048), "unroll": 4},
+    ]
+
+
 def _fragment_index() -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) [32, 8]: the 16 x 16 tile entry lane l holds as its k-th fp16 of a0..a3."""
     lane = np.arange(WARP)[:, None]
@@ -128,7 +157,9 @@ class _Layout:
     channel; `load_a(vals, i1, i2, af, ld, words, first, u, blk, lane)` -> block blk's A
     fragments into ``af[u * SUB * 8:]``. Where the values' addresses depend on loaded
     metadata, ``prefetch(i1, i2, words, first, u, blk, lane)`` loads it (`words` uint32 and
-    one int32 per block) for all `unroll` blocks first, so that their loads overlap."""
+    one int32 per block) for all `unroll` blocks first, so that their loads overlap. `sparse`:
+    each 16 x 32 block is a 2:4 A of ``mma.sp`` (its 16 x 16 kept values as the A fragment,
+    its tiles' metadata words in ``words[u * words:]``)."""
 
     r: int
     c: int
@@ -140,6 +171,7 @@ class _Layout:
     load_a: Any
     prefetch: Any = None
     words: int = 0
+    sparse: bool = False  # 2:4 A on sparse tensor cores: one mma.sp.m16n8k32 per 16 x 32 block
 
 
 def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
@@ -212,9 +244,79 @@ def tile_bitmap_layout(N: int, K: int, nnz: int) -> _Layout:
     )
 
 
+def pack_nm_tiles(
+    values: np.ndarray, positions: np.ndarray, n: int, k: int, r: int = 16
+) -> dict[str, np.ndarray]:
+    """2:4 W as packed by `formats.NM` (``values[N, K / 2]``, the row-major byte stream of
+    2-bit positions) as the sparse tensor-core kernel reads it, in 16 x 32 tiles: blocks of r
+    rows x 32 input channels row-major, each block's r / 16 tiles top to bottom. Arrays:
+    ``values`` (fp16; each tile's 16 x 16 kept values in A-fragment order, `fragment_order`)
+    and ``meta`` (uint32 [tiles * 16]; word ``2 g + s`` for lanes ``4 g + s`` and ``4 g + s +
+    2``: bits 0-15 hold the positions of row g's groups ``4 s .. 4 s + 3`` of the tile, bits
+    16-31 those of row g + 8; a group's nibble is ``pos0 | pos1 << 2``, ascending)."""
+    if r % 16 or n % r or k % 32:
+        raise UnfitError(f"2:4 tensor-core blocks of {r} x 32 need N % {r} == 0 and K % 32 == 0; got {n}x{k}")
+    rs = r // 16
+    comp = np.asarray(values, np.float16).reshape(n // r, rs, 16, k // 32, 16).transpose(0, 3, 1, 2, 4)
+    words = np.ascontiguousarray(positions).view(np.uint8).reshape(n, k // 8).view(np.uint32)
+    tiles = words.reshape(n // r, rs, 16, k // 32).transpose(0, 3, 1, 2)  # [blocks.., 16 rows]
+    halves = [(tiles >> np.uint32(16 * s)) & np.uint32(0xFFFF) for s in (0, 1)]
+    meta = np.stack([h[..., :8] | (h[..., 8:] << np.uint32(16)) for h in halves], axis=-1)  # [.., g, s]
+    return {"values": fragment_order(comp.reshape(-1, 16, 16)), "meta": meta.reshape(-1).astype(np.uint32)}
+
+
+def nm_layout(N: int, K: int, r: int) -> _Layout:
+    """2:4 W (`pack_nm_tiles`) on sparse tensor cores in blocks of r x 32: block row br holds
+    blocks ``br * K / 32 ..``; per tile, one 16-byte load per lane brings its kept values and
+    one 4-byte load its metadata (``mma.sp`` with sparsity selector 0 reads lanes 4 g and 4 g +
+    1). Taller blocks share each B fragment (X) among more tiles."""
+    KT, RS = K // 32, r // 16
+
+    @T.macro
+    def prefetch(meta, unused, words, first, u, blk, lane):
+        for s in T.unroll(RS):
+            words[u * RS + s] = meta[(blk * RS + s) * 16 + lane // 4 * 2 + lane % 2]
+
+    @T.macro
+    def load_a(vals, meta, unused, af, ld, words, first, u, blk, lane):
+        for s in T.unroll(RS):
+            for v in T.vectorized(8):
+                ld[v] = vals[(blk * RS + s) * 256 + lane * 8 + v]
+            for v in T.unroll(8):
+                af[(u * RS + s) * 8 + v] = ld[v]
+
+    return _Layout(
+        r,
+        32,
+        N * K // 2,
+        ((N // 16 * KT * 16,), "uint32"),
+        None,
+        lambda meta, unused, br: (br * KT, KT),
+        lambda meta, blk, br: (blk - br * KT) * 32,
+        load_a,
+        prefetch,
+        RS,
+        sparse=True,
+    )
+
+
+@T.macro
+def mma_sp_m16n8k32(a, a_offset, b, b_offset, c, c_offset, e):
+    """``mma.sp.sync.m16n8k32.row.col`` f32 += 2:4 f16 x f16 (sparsity selector 0): A's 4
+    uint32 (the 16 x 16 kept values) at ``a[a_offset]``, B's 4 at ``b[b_offset]``, C's 4 fp32 at
+    ``c[c_offset]``, metadata word `e`. PTX ISA, "Matrix multiply-accumulate operation using
+    mma.sp instruction with sparse matrix A"."""
+    T.ptx.mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32(
+        c[c_offset], c[c_offset + 1], c[c_offset + 2], c[c_offset + 3],
+        a[a_offset], a[a_offset + 1], a[a_offset + 2], a[a_offset + 3],
+        b[b_offset], b[b_offset + 1], b[b_offset + 2], b[b_offset + 3],
+        c[c_offset], c[c_offset + 1], c[c_offset + 2], c[c_offset + 3], e, 0,
+    )  # fmt: skip
+
+
 def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, lay: _Layout):
-    """The PrimFunc ``(x[M, K], vals, index1, index2, y[M, N])`` of layout `lay` (see the module
-    docstring)."""
+    """The PrimFunc ``(x[M, K], vals, index1, [index2,] y[M, N])`` of layout `lay` (see the
+    module docstring)."""
     r, c = lay.r, lay.c
     if not 1 <= M <= MAX_M or r % 16 or c % 16 or N % r or K % c:
         raise ValueError(
@@ -222,22 +324,16 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
         )
     if _reduce_bytes(M, r, ks) > REDUCE_SMEM:
         raise UnfitError(f"{ks} warps per block row at M = {M}: the reduction exceeds {REDUCE_SMEM} bytes")
-    RS, CS = r // 16, c // 16
-    SUB, MT = RS * CS, -(-M // 8)  # 16x16 sub-blocks per block, 8-row tiles of X
+    KB = 32 if lay.sparse else 16  # input channels per mma
+    BW = KB // 4  # fp16 B-fragment entries per lane and 8 rows of X
+    RS, CS = r // 16, c // KB
+    SUB, MT = RS * CS, -(-M // 8)  # A fragments (16 x 16 stored values) per block, 8-row tiles of X
     NBR = N // r
     GRID, ITER = block_row_grid(NBR, ks * WARP, sms)
     ACC = RS * MT * 4
-    (S1, D1), (S2, D2) = lay.index1, lay.index2
 
-    @T.prim_func
-    def main(
-        x: T.Buffer((M, K), xdtype),
-        vals: T.Buffer((lay.values,), "float16"),
-        idx: T.Buffer(S1, D1),
-        ptr: T.Buffer(S2, D2),
-        y: T.Buffer((M, N), xdtype),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def body(x, vals, idx, ptr, y):
         for bx in T.thread_binding(GRID, thread="blockIdx.x"):
             for ty in T.thread_binding(ks, thread="threadIdx.y"):
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):
@@ -245,7 +341,9 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                     af = T.decl_buffer((unr * SUB * 8,), "float16", scope="local")
                     ld = T.decl_buffer((8,), "float16", scope="local")  # one 16-byte load
                     xv = T.decl_buffer((2,), xdtype, scope="local")  # one 4- or 8-byte load
-                    bf = T.decl_buffer((MT * 4,), "float16", scope="local")
+                    bf = T.decl_buffer((MT * BW,), "float16", scope="local")
+                    afu = T.decl_buffer((unr * SUB * 4,), "uint32", data=af.data, scope="local")
+                    bfu = T.decl_buffer((MT * BW // 2,), "uint32", data=bf.data, scope="local")
                     words = T.decl_buffer((unr * max(lay.words, 1),), "uint32", scope="local")
                     first_v = T.decl_buffer((unr,), "int32", scope="local")
                     acc = T.decl_buffer((ACC,), "float32", scope="local")
@@ -275,25 +373,31 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                                         for cs in T.unroll(CS):
                                             for mt in T.unroll(MT):
                                                 row = T.meta_var(mt * 8 + g)
-                                                for h in T.unroll(2):  # b0, b1: one 2-entry load each
+                                                for h in T.unroll(KB // 8):  # one 2-entry load each
                                                     if row < M:
                                                         for v in T.vectorized(2):
-                                                            xv[v] = x[row, col0 + cs * 16 + h * 8 + t2 + v]
+                                                            xv[v] = x[row, col0 + cs * KB + h * 8 + t2 + v]
                                                     else:
                                                         for v in T.unroll(2):
                                                             xv[v] = T.Cast(xdtype, 0)
                                                     for v in T.unroll(2):
-                                                        bf[mt * 4 + h * 2 + v] = T.Cast("float16", xv[v])
+                                                        bf[mt * BW + h * 2 + v] = T.Cast("float16", xv[v])
                                             for rs in T.unroll(RS):
                                                 for mt in T.unroll(MT):
-                                                    mma_m16n8k16(
-                                                        af,
-                                                        (u * SUB + rs * CS + cs) * 8,
-                                                        bf,
-                                                        mt * 4,
-                                                        acc,
-                                                        (rs * MT + mt) * 4,
-                                                    )
+                                                    a0 = T.meta_var((u * SUB + rs * CS + cs) * 8)
+                                                    c0 = T.meta_var((rs * MT + mt) * 4)
+                                                    if lay.sparse:
+                                                        mma_sp_m16n8k32(
+                                                            afu,
+                                                            a0 // 2,
+                                                            bfu,
+                                                            mt * 4,
+                                                            acc,
+                                                            c0,
+                                                            words[u * lay.words + rs],
+                                                        )
+                                                    else:
+                                                        mma_m16n8k16(af, a0, bf, mt * BW, acc, c0)
                             for i in T.unroll(ACC):
                                 red[ty, i, lane] = acc[i]
                         T.tvm_storage_sync("shared")
@@ -313,12 +417,48 @@ def _mma_func(M: int, N: int, K: int, xdtype: str, ks: int, unr: int, sms: int, 
                                                     )
                         T.tvm_storage_sync("shared")
 
-    return main
+    (S1, D1) = lay.index1
+    if lay.index2 is None:
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((lay.values,), "float16"),
+            idx: T.Buffer(S1, D1),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, idx, y)
+
+        return main
+    (S2, D2) = lay.index2
+
+    @T.prim_func
+    def main2(
+        x: T.Buffer((M, K), xdtype),
+        vals: T.Buffer((lay.values,), "float16"),
+        idx: T.Buffer(S1, D1),
+        ptr: T.Buffer(S2, D2),
+        y: T.Buffer((M, N), xdtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        body(x, vals, idx, ptr, y)
+
+    return main2
 
 
-def build(packed: Any, m: int, x_dtype: str = "float32", ks: int = 4, unroll: int = 2, sms: int = 132):
+def build(
+    packed: Any,
+    m: int,
+    x_dtype: str = "float32",
+    ks: int = 4,
+    unroll: int = 2,
+    sms: int = 132,
+    rows: int = 16,
+):
     """The tensor-core kernel for a `cuda_kernels.Packed` weight at M = m: ``bsr`` (blocks of
-    multiples of 16; its values reordered by `fragment_order`) or ``tile_bitmap``, as a
+    multiples of 16; its values reordered by `fragment_order`), ``nm`` (2:4, in blocks of
+    `rows` x 32, reordered by `pack_nm_tiles`) or ``tile_bitmap``, as a
     `cuda_kernels.CUDAKernel`."""
     n, k = packed.shape
     if not 1 <= m <= MAX_M:
@@ -326,6 +466,11 @@ def build(packed: Any, m: int, x_dtype: str = "float32", ks: int = 4, unroll: in
     weights = dict(packed.weights)
     if packed.format == "tile_bitmap":
         lay, sched = tile_bitmap_layout(n, k, packed.meta["S"]), {}
+    elif packed.format == "nm":
+        if packed.meta["nm_n"] != 2:
+            raise UnfitError(f"sparse tensor cores take 2:4 W; got {packed.meta['nm_n']}:4")
+        weights = pack_nm_tiles(weights["values"], weights["positions"], n, k, rows)
+        lay, sched = nm_layout(n, k, rows), {"nm_n": 2, "tc": 1, "rows": rows}
     else:
         r, c = packed.meta["block"]
         if r % 16 or c % 16:

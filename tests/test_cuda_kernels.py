@@ -115,11 +115,16 @@ def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
     assert "ks" in first  # whole blocks per warp load first
     assert all("ks" not in s for s in ck.schedules("bsr", 1, 128, 512, block=(1, 16)))
     # packing parameters pass through as keywords, an nm format's `n` included
-    assert ck.schedules("nm", 1, 128, 512, None, **{"n": 2}) == ck.SCHEDULE_SPACE["nm"]
+    assert ck.schedules("nm", 1, 128, 512, None, **{"n": 1}) == ck.SCHEDULE_SPACE["nm"]
+    # 2:4: sparse tensor cores first at every M, alone past the row kernel's M
+    nm = {m: ck.schedules("nm", m, 128, 512, None, **{"n": 2}) for m in (1, 16, 64)}
+    assert nm[1][0]["tc"] and "tc" not in nm[1][1] and all("tc" in s for s in nm[16][:2])
+    assert all(s["tc"] for s in nm[64])
     # tensor cores first from M = 2 (blocks of multiples of 16), and alone past the decode kernels' M
     assert "tc" not in first and ck.schedules("bsr", 16, 128, 512, block=(16, 16))[0]["tc"] == 1
     assert all(s["tc"] for s in ck.schedules("bsr", 64, 128, 512, block=(32, 32)))
     assert ck.schedules("bsr", 64, 128, 512, block=(1, 16)) == []
+    assert ("nm", {"n": 2}) in ck.candidates(pruned(64, 256, 0.5, 1, "nm"), 64)
     formats = {m: [f for f, _ in ck.candidates(w, m)] for m in (16, 64, 65)}
     assert {"dcsr", "bsr", "dense"} <= set(formats[16])
     assert "bsr" in formats[64] and not {"dcsr", "dense"} & set(formats[64])
@@ -257,4 +262,68 @@ def test_tile_bitmap_kernel_matches_numpy_on_gpu(x_dtype, sparsity):
         packed = ck.pack("tile_bitmap", w)
         for m, sched in [(1, 0), (5, 1), (16, 0), (64, 2)]:
             kern = ck.build("tile_bitmap", packed, m, x_dtype=x_dtype, **TILE_SCHEDULES[sched])
+            _assert_matches_on_gpu(kern, w, rng)
+
+
+def _decode_nm_tiles(weights, n, k, r):
+    """W from `pack_nm_tiles`'s arrays, read as mma.sp does: lane 4 g + s's metadata word holds
+    rows g (bits 0-15) and g + 8 (bits 16-31), groups 4 s .. 4 s + 3; a tile's 16 x 16 kept
+    values are an m16n8k16 A fragment, kept column j belonging to group j // 2."""
+    from sparsegraph.codegen.cuda_sparse_mma import _fragment_index
+
+    rows, cols = _fragment_index()
+    vals = weights["values"].reshape(-1, 32, 8)
+    meta = weights["meta"].reshape(-1, 8, 2)
+    w = np.zeros((n, k), np.float16)
+    for t in range(vals.shape[0]):
+        kept = np.zeros((16, 16), np.float16)
+        kept[rows, cols] = vals[t]
+        tile = np.zeros((16, 32), np.float16)
+        for row in range(16):
+            for group in range(8):
+                word = int(meta[t, row % 8, group // 4]) >> (16 * (row // 8))
+                nibble = word >> (4 * (group % 4)) & 15
+                for j, pos in enumerate((nibble & 3, nibble >> 2)):
+                    tile[row, group * 4 + pos] = kept[row, group * 2 + j]
+        block, sub = divmod(t, r // 16)  # blocks of r x 32 row-major, their tiles top to bottom
+        br, bc = divmod(block, k // 32)
+        row0 = br * r + sub * 16
+        w[row0 : row0 + 16, bc * 32 : bc * 32 + 32] = tile
+    return w
+
+
+def test_nm_tiles_decode_to_w_and_build_for_sparse_tensor_cores():
+    w = pruned(48, 128, 0.5, 9, "nm").astype(np.float16)
+    w[:, :4] = 0  # groups with fewer than 2 nonzeros keep distinct positions (explicit zeros)
+    w[1, 4:8] = [0, 0, 0, 1]
+    packed = ck.pack("nm", w, n=2)
+    from sparsegraph.codegen.cuda_sparse_mma import pack_nm_tiles
+
+    for r in (16, 48):
+        tiles = pack_nm_tiles(packed.weights["values"], packed.weights["positions"], *w.shape, r)
+        assert np.array_equal(_decode_nm_tiles(tiles, *w.shape, r), w)
+    with pytest.raises(UnfitError, match="N % 32"):
+        pack_nm_tiles(packed.weights["values"], packed.weights["positions"], *w.shape, 32)
+    nibbles = (tiles["meta"][:, None] >> np.arange(0, 32, 4, dtype=np.uint32)) & 15
+    assert not np.isin(nibbles, [0, 5, 10, 15]).any()  # PTX: two distinct positions per group
+    for m, sched, rows in [(1, 0, 16), (16, 1, 48), (64, 2, 16)]:
+        kern = ck.build("nm", packed, m, x_dtype="float16", tc=1, rows=rows, **TILE_SCHEDULES[sched])
+        src = kern.source()
+        assert "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in src
+        assert "*(uint4*)(ld_ptr" in src  # a tile's kept values: one 16-byte load per lane
+        assert kern.nbytes == packed.nbytes  # 2:4's bytes, reordered
+    with pytest.raises(UnfitError, match="2:4"):
+        ck.build("nm", ck.pack("nm", pruned(48, 128, 0.5, 9, "u") * (np.arange(128) % 4 == 0), n=1), 4, tc=1)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+def test_nm_sparse_tensor_core_kernel_matches_numpy_on_gpu(x_dtype):
+    rng = np.random.default_rng(17)
+    for n, k in [(96, 256), (320, 1024)]:
+        w = pruned(n, k, 0.5, n + k, "nm")
+        w[:16, :64] = 0  # groups without values
+        packed = ck.pack("nm", w, n=2)
+        for m, sched, rows in [(1, 0, 16), (5, 1, 32), (16, 0, 32), (64, 2, 16), (3, 2, 32)]:
+            kern = ck.build("nm", packed, m, x_dtype=x_dtype, tc=1, rows=rows, **TILE_SCHEDULES[sched])
             _assert_matches_on_gpu(kern, w, rng)
