@@ -33,12 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES = [(8192, 28672), (4096, 11008), (11008, 4096)]  # (K, N)
+SHAPES = [(8192, 28672), (4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)
 ROW_SCHEDULES = [{"wpb": 8, "rpw": 0, "unroll": 2, "lpr": 32}, {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32}]
 BLOCK_SCHEDULES = [{"ks": ks, "unroll": u} for ks in (4, 8, 16) for u in (2, 4)]
 TC_SCHEDULES = [{"ks": ks, "unroll": u} for ks in (2, 4, 8, 16) for u in (2, 4)]
 NM_TC_SCHEDULES = [
-    {"rows": r, "ks": ks, "unroll": u} for r in (16, 32, 64) for ks in (2, 4, 8) for u in (2, 4)
+    {"rows": r, "ks": ks, "unroll": u} for r in (16, 32, 64) for ks in (2, 4, 8, 16) for u in (2, 4)
 ]
 DCSR_SCHEDULES = [{"wpb": 8, "rpw": 0, "unroll": 2, "lpr": lpr} for lpr in (32, 16)]
 #: suite -> patterns (`gpu_kernels.make_weight`), kinds {name: (format, packing, schedules,

@@ -31,6 +31,10 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   kernel, at M = 4 20-45 % (`benchmarks/gpu_decode_kernels.py`). For blocks of multiples of
   16, a third on tensor cores (`cuda_sparse_mma`, ``tc=1``, M <= 64), scheduled first
   from M = 2: at M = 16 it keeps ~90 % of the M = 1 ratio where the block kernel keeps 40 %.
+* ``nm`` 2:4 also runs on sparse tensor cores (`cuda_sparse_mma`, ``tc=1``, M <= 64:
+  ``mma.sp.m16n8k32``, the kept values in A-fragment order, blocks of 16-64 rows sharing
+  each X fragment), scheduled first at every M: on the H100 it keeps 88-99 % of its M = 1
+  ratio at M = 16 (1.40-1.66x cuBLAS), where the row kernel is at 0.3x.
 * ``tile_bitmap`` (`cuda_sparse_mma`, M <= 64): unstructured W as 16 x 16 tiles of a
   bitmap plus values in mma fragment order, decoded into registers for ``mma.sync``; not a
   dispatch candidate until it has passed its GPU test.
@@ -119,8 +123,9 @@ def schedules(
     parameters, e.g. a bsr `block`, an nm ``n``: hence positional-only shapes), the best
     first (for ``mma``: fp16 X, the Hopper wgmma ones only for an sm_90a `target`; for
     ``bsr`` and 2:4 ``nm`` at M > `MAX_M`: the tensor-core kernel's only). 2:4 puts its
-    sparse tensor-core kernel first at every M: on the H100 it ties the row kernel at M = 1
-    and keeps 87-97 % of that ratio at M = 16, where the row kernel falls below cuBLAS."""
+    sparse tensor-core kernel first at every M: on the H100 it matches or beats the row
+    kernel at M = 1 and keeps ~90 % of that ratio at M = 16, where the row kernel falls below
+    cuBLAS."""
     if fmt == "mma":
         from . import cuda_mma
 
@@ -133,9 +138,7 @@ def schedules(
         from . import cuda_sparse_mma
 
         tc = [{"tc": 1, **s} for s in cuda_sparse_mma.nm_schedules(m, n)]
-        if m > MAX_M:
-            return tc
-        return [tc[0], *SCHEDULE_SPACE[fmt], *tc[1:]] if m == 1 else [*tc, *SCHEDULE_SPACE[fmt]]
+        return tc if m > MAX_M else [*tc, *SCHEDULE_SPACE[fmt]]
     if fmt == "bsr" and block is not None:
         tc = _bsr_tensor_core_schedules(m, n, block[0]) if block[0] % 16 == block[1] % 16 == 0 else []
         if m > MAX_M:

@@ -1,5 +1,5 @@
 """Sparse W on tensor cores for small batches: ``Y[M, N] = X[M, K] @ W.T``, fp16 W, M = 1..64,
-one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Two formats:
+one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Three formats:
 
 * **BSR** with blocks of multiples of 16 (`bsr_layout`). At M = 16 the CUDA-core block kernel
   (`cuda_kernels._bsr_blocks_func`) does 16 FMAs per weight and stops being bound by the
@@ -8,6 +8,11 @@ one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Two format
   stored in the mma A-fragment order (`fragment_order`): lane l's 16 bytes of a 16 x 16
   sub-block are its registers a0..a3, so one 16-byte load per lane brings a whole sub-block
   into registers (a 512-byte warp load, no ldmatrix or shared memory).
+* **2:4** (`nm_layout`, `pack_nm_tiles`) on sparse tensor cores: one ``mma.sp.m16n8k32``
+  per 16 x 32 tile, whose 16 x 16 kept values are a dense A fragment (one 16-byte load per
+  lane) and whose 2-bit positions are one metadata word per lane pair; 1.125 bytes per
+  weight entry. Blocks of 32 or 64 rows load each B fragment once for 2-4 tiles: at M = 16
+  X is otherwise re-read from L2 once per 16 rows (8192->28672 on the H100: 1.5x slower).
 * **Tile bitmaps** for unstructured W (`tile_bitmap_layout`, `pack_tile_bitmap`): every
   16 x 16 tile is stored, as a 256-bit mask in fragment order (lane l's byte: which of its 8
   fragment entries are nonzero), its nonzero values in fragment order (lane-major), and the
@@ -71,31 +76,30 @@ def schedules(m: int, n: int, r: int) -> list[dict[str, int]]:
 
 
 def nm_schedules(m: int, n: int) -> list[dict[str, int]]:
-    """Two schedules of the 2:4 kernel to time at M = m for N outputs, best guess first:
-    blocks of `rows` x 32 (taller blocks load each B fragment of X once for more tiles: from
-    M = 2, 64 rows where N / 64 >= 256 block rows, else 32; at most 1024 / M rows, so the
-    accumulators stay in registers) with `ks` such that ~2048 warps run, then 16 rows. On the
-    H100 (`benchmarks/gpu_decode_kernels.py --suite nm`) at M = 16: 8192->28672 64 rows ks 8
-    (16 rows: 1.5x slower: X read from L2 per block row), 4096->11008 32 rows ks 8; at M = 1
-    16 or 32 rows with more warps."""
+    """Two schedules of the 2:4 kernel to time at M = m for N outputs, best guess first.
+    From M = 2: blocks of `rows` x 32 (taller blocks load each B fragment of X once for more
+    tiles; 64 rows where N / 64 >= 256 block rows, else 32; at most 1024 / M rows, so the
+    accumulators stay in registers) with `ks` warps per block row such that ~2048 warps run,
+    then twice the warps (up to 32, within `REDUCE_SMEM`). At M = 1: 16 rows, ~4096 warps,
+    then twice. On the H100 (`benchmarks/gpu_decode_kernels.py --suite nm`, M = 16):
+    8192->28672 64 rows ks 8 (16 rows: 1.5x slower, X read from L2 once per block row),
+    4096->11008 32 rows ks 8, 11008->4096 and 4096->4096 32 rows ks 32 (ks 16: 1.2x slower);
+    at M = 1, 4096->4096 16 rows ks 32."""
 
     def warps(r: int, want: int) -> int:
         ks = 2
-        while ks < 16 and n // r * ks < want:
+        while ks < 32 and n // r * ks < want:
             ks *= 2
         while ks > 2 and _reduce_bytes(m, r, ks) > REDUCE_SMEM:
             ks //= 2
         return ks
 
     tall = [r for r in (64, 32) if n % r == 0 and r * m <= 1024 and (r == 32 or n // r >= 256)]
-    if m == 1 or not tall:
-        return [
-            {"rows": 16, "ks": warps(16, 4096), "unroll": 4},
-            {"rows": 16, "ks": warps(16, 2048), "unroll": 2},
-        ]
+    r, unroll, want = (tall[0], 2, 2048) if m > 1 and tall else (16, 4, 4096)
+    ks = warps(r, want)
     return [
-        {"rows": tall[0], "ks": warps(tall[0], 2048), "unroll": 2},
-        {"rows": 16, "ks": warps(16, 2048), "unroll": 4},
+        {"rows": r, "ks": ks, "unroll": unroll},
+        {"rows": r, "ks": warps(r, n // r * ks * 2), "unroll": 4},
     ]
 
 
