@@ -36,8 +36,10 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   each X fragment), scheduled first at every M: on the H100 it keeps 88-99 % of its M = 1
   ratio at M = 16 (1.40-1.66x cuBLAS), where the row kernel is at 0.3x.
 * ``tile_bitmap`` (`cuda_sparse_mma`, M <= 64): unstructured W as 16 x 16 tiles of a
-  bitmap plus values in mma fragment order, decoded into registers for ``mma.sync``; not a
-  dispatch candidate until it has passed its GPU test.
+  bitmap plus values in mma fragment order, decoded into registers for ``mma.sync``.
+  Correct on the H100 but not a dispatch candidate: it runs at about cuBLAS's speed at
+  every sparsity (decoding a tile costs what streaming it dense does;
+  `benchmarks/results/gpu_tile_bitmap.md`).
 * ``dense``: our row kernel on fp16 W (M <= 16), the tensor-core GEMM of `cuda_mma`
   (``mma``, M >= `MMA_MIN_M`) and TVM's own GEMV / matmul schedules (``dlight``): the
   dense kernels the sparse ones are dispatched against.
@@ -102,7 +104,7 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
     "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
     "cublas": [{}],  # `cublas.gemm` through a packed function, where a libcublas loads
     #: unstructured W on tensor cores, M = 1..64 (per shape: `cuda_sparse_mma.schedules`);
-    #: not in `candidates` until it has passed its GPU test
+    #: not in `candidates`: measured no faster than cuBLAS (see the module docstring)
     "tile_bitmap": [{}],
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
