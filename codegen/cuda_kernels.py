@@ -141,6 +141,8 @@ def schedules(
 
         tc = [{"tc": 1, **s} for s in cuda_sparse_mma.nm_schedules(m, n)]
         return tc if m > MAX_M else [*tc, *SCHEDULE_SPACE[fmt]]
+    if m > MAX_M and fmt in ("csr", "dcsr", "nm", "dense"):  # the row kernel stops at MAX_M
+        return []
     if fmt == "bsr" and block is not None:
         tc = _bsr_tensor_core_schedules(m, n, block[0]) if block[0] % 16 == block[1] % 16 == 0 else []
         if m > MAX_M:

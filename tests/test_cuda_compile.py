@@ -121,7 +121,10 @@ def test_bytes_model_keeps_dense_weights_dense():
 
 def test_bytes_model_builds_the_formats_first_schedule():
     """Without measuring, a BSR 16x16 weight gets the block kernel at M = 1 and tensor cores
-    from M = 2, up to M = 64 where only they take it (not the row kernel, which stops at 16)."""
+    from M = 2, up to M = 64 where only they take it (not the row kernel, which stops at 16);
+    a 2:4 weight gets sparse tensor cores at every M."""
+    from sparsegraph.codegen import cuda_kernels as ck
+
     rng = np.random.default_rng(1)
     keep = np.kron(rng.random((8, 16)) < 0.3, np.ones((16, 16)))
     w = (rng.standard_normal((128, 256)) * keep).astype(np.float32)
@@ -130,6 +133,15 @@ def test_bytes_model_builds_the_formats_first_schedule():
     assert all(k is not None and k.format == "bsr" for k in kernels.values())
     assert "ks" in kernels[1].schedule and "tc" not in kernels[1].schedule
     assert kernels[16].schedule["tc"] == 1 and kernels[48].schedule["tc"] == 1
+    # 2:4: sparse tensor cores at every M (a 1:4 weight has no kernel past the row kernel's M)
+    groups = np.argsort(rng.random((128, 64, 4)), axis=2)[:, :, :2]
+    w24 = rng.standard_normal((128, 64, 4)).astype(np.float32)
+    np.put_along_axis(w24, groups, 0, axis=2)
+    for m in (1, 16, 48):
+        kernel = d.kernel(f"nm{m}", w24.reshape(128, 256), m)
+        assert kernel is not None and kernel.format == "nm" and kernel.schedule["tc"] == 1
+        assert "mma.sp.sync" in kernel.source()
+    assert ck.schedules("nm", 48, 128, 256, None, n=1) == []
 
 
 @pytest.mark.skipif(GPU, reason="checks the error where no GPU is visible")
