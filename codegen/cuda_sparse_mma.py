@@ -182,20 +182,25 @@ class _Layout:
     sparse: bool = False  # 2:4 A on sparse tensor cores: one mma.sp.m16n8k32 per 16 x 32 block
 
 
-def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
-    """BSR (``vals`` from `fragment_order`, ``idx[NB]`` uint16 block columns, ``ptr[N / r + 1]``
-    int32 block-row starts)."""
-    SUB = (r // 16) * (c // 16)
+def _whole_fragments(sub: int) -> Any:
+    """`_Layout.load_a` of a layout whose blocks store their `sub` A fragments one after
+    another in fragment order (BSR, 2:4): one 16-byte load per lane and fragment."""
 
     @T.macro
     def load_a(vals, idx, ptr, af, ld, words, first, u, blk, lane):
-        for s in T.unroll(SUB):
+        for s in T.unroll(sub):
             # through `ld`: a vector-typed `af` would shift the mma operands' offsets to vector units
             for v in T.vectorized(8):
-                ld[v] = vals[(blk * SUB + s) * 256 + lane * 8 + v]
+                ld[v] = vals[(blk * sub + s) * 256 + lane * 8 + v]
             for v in T.unroll(8):
-                af[(u * SUB + s) * 8 + v] = ld[v]
+                af[(u * sub + s) * 8 + v] = ld[v]
 
+    return load_a
+
+
+def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
+    """BSR (``vals`` from `fragment_order`, ``idx[NB]`` uint16 block columns, ``ptr[N / r + 1]``
+    int32 block-row starts)."""
     return _Layout(
         r,
         c,
@@ -204,7 +209,7 @@ def bsr_layout(N: int, K: int, NB: int, r: int, c: int) -> _Layout:
         ((N // r + 1,), "int32"),
         lambda idx, ptr, br: (ptr[br], ptr[br + 1] - ptr[br]),
         lambda idx, blk, br: T.Cast("int32", idx[blk]) * c,
-        load_a,
+        _whole_fragments((r // 16) * (c // 16)),
     )
 
 
@@ -285,14 +290,6 @@ def nm_layout(N: int, K: int, r: int) -> _Layout:
         for s in T.unroll(RS):
             words[u * RS + s] = meta[(blk * RS + s) * 16 + lane // 4 * 2 + lane % 2]
 
-    @T.macro
-    def load_a(vals, meta, unused, af, ld, words, first, u, blk, lane):
-        for s in T.unroll(RS):
-            for v in T.vectorized(8):
-                ld[v] = vals[(blk * RS + s) * 256 + lane * 8 + v]
-            for v in T.unroll(8):
-                af[(u * RS + s) * 8 + v] = ld[v]
-
     return _Layout(
         r,
         32,
@@ -301,7 +298,7 @@ def nm_layout(N: int, K: int, r: int) -> _Layout:
         None,
         lambda meta, unused, br: (br * KT, KT),
         lambda meta, blk, br: (blk - br * KT) * 32,
-        load_a,
+        _whole_fragments(RS),
         prefetch,
         RS,
         sparse=True,
