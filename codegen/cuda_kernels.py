@@ -724,9 +724,7 @@ def build(
             raise fmts.UnfitError("the cuBLAS candidate takes fp16 X (the graph casts it)")
         symbol = f"cublas_m{m}_n{n}_k{k}"
         return CUDAKernel(fmt, (m, n, k), None, packed.weights, symbol, x_dtype, {}, cublas.FUNC)
-    if fmt == "tile_bitmap" or (
-        fmt in ("bsr", "nm") and params.get("tc")
-    ):  # tensor cores (`cuda_sparse_mma`)
+    if fmt == "tile_bitmap" or (fmt in ("bsr", "nm") and params.get("tc")):  # `cuda_sparse_mma`
         from . import cuda_sparse_mma
 
         keys = ("ks", "unroll", "sms", "rows")

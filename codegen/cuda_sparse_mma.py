@@ -30,10 +30,9 @@ one ``mma.sync.m16n8k16`` per 16 x 16 sub-block of W and 8 rows of X. Three form
 Common to all: A = a W sub-block (16 outputs x 16 input channels; 2:4: x 32, 16 kept); B = 8
 rows of X over those channels (b0, b1, ...: channels ``2 (l % 4) + {0, 1}`` plus 0, 8 (16,
 24) of row ``l // 4``, one 2-entry load each from global memory, L1/L2-resident; rows past
-M read as zeros); C = the 16 x 8
-partial of Y^T in fp32 registers. `ks` warps share a block row (each takes every ks-th block
-or tile), `unroll` blocks in flight per warp; the warps' C fragments are summed through shared
-memory and written in X's dtype.
+M read as zeros); C = the 16 x 8 partial of Y^T in fp32 registers. `ks` warps share a block
+row (each takes every ks-th block or tile), `unroll` blocks in flight per warp; the warps' C
+fragments are summed through shared memory and written in X's dtype.
 
 Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"
 (the sparse m16n8k32 A fragment has the same layout over the kept values; its metadata
