@@ -145,8 +145,9 @@ def main() -> None:
                 for kind, (fmt, packing, scheds, extra, max_m) in kinds.items():
                     if m > max_m:
                         continue
-                    pack_params = {"block": (pattern[1], pattern[1])} if packing == "block" else {}
-                    pack_params = {"n": pattern[1]} if packing == "nm" else pack_params
+                    pack_params = {"block": {"block": (pattern[1],) * 2}, "nm": {"n": pattern[1]}}.get(
+                        packing, {}
+                    )
                     if fmt not in packed:
                         packed[fmt] = ck.pack(fmt, w, **pack_params)
                     for sc in scheds:
