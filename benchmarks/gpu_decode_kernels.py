@@ -17,7 +17,7 @@ the same run; every kernel checked against fp32 torch (2e-3 relative). Writes th
 after every cell.
 
     python benchmarks/gpu_decode_kernels.py [--suite bsr|unstructured|nm] [--out DIR] [--reps N]
-        [--ms 1,16] [--shapes 0]
+        [--ms 1,16] [--shapes 0] [--kinds dcsr]
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ TC_SCHEDULES = [{"ks": ks, "unroll": u} for ks in (2, 4, 8, 16) for u in (2, 4)]
 NM_TC_SCHEDULES = [
     {"rows": r, "ks": ks, "unroll": u} for r in (16, 32, 64) for ks in (2, 4, 8, 16) for u in (2, 4)
 ]
-DCSR_SCHEDULES = [{"wpb": 8, "rpw": 0, "unroll": 2, "lpr": lpr} for lpr in (32, 16)]
+DCSR_SCHEDULES = [
+    {"wpb": w, "rpw": 0, "unroll": 2, "lpr": lpr} for w, lpr in ((8, 32), (8, 16), (16, 32), (32, 32))
+]
 #: suite -> patterns (`gpu_kernels.make_weight`), kinds {name: (format, packing, schedules,
 #: extra build parameters, largest M)}, results file stem, table title
 SUITES = {
@@ -120,9 +122,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--ms", type=lambda v: [int(i) for i in v.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--shapes", type=lambda v: [SHAPES[int(i)] for i in v.split(",")], default=SHAPES)
+    p.add_argument("--kinds", type=lambda v: v.split(","), help="the suite's kernels to time (default: all)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     patterns, kinds, stem, title = SUITES[args.suite]
+    kinds = {kd: spec for kd, spec in kinds.items() if not args.kinds or kd in args.kinds}
     tg, bench, rng = ck.cuda_target(), Bench(args.reps), np.random.default_rng(0)
     res = {
         "suite": args.suite,

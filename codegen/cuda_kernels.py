@@ -150,8 +150,21 @@ def schedules(
         if (block[0] * block[1]) % 256 == 0:
             blocks = _bsr_block_schedules(m, n // block[0])
             ordered = [*blocks, *tc] if m == 1 else [*tc, *blocks]
-            return [*ordered, *SCHEDULE_SPACE[fmt]]
-    return SCHEDULE_SPACE[fmt]
+            return [*ordered, *_row_schedules(fmt, m)]
+    return _row_schedules(fmt, m)
+
+
+def _row_schedules(fmt: str, m: int) -> list[dict[str, int]]:
+    """`SCHEDULE_SPACE[fmt]`, for the row kernels at M > 1 with the widest blocks first:
+    staging M rows of X fills most of an SM's shared memory, so a block of 32 (or 16) warps
+    is all the SM runs. Measured on an H100 (`benchmarks/gpu_decode_kernels.py --suite
+    unstructured`, delta CSR, 8192->28672 and 4096->4096): 32 warps fastest in 9 of 12
+    cells at M = 4 and 16, 16 warps in the other 3."""
+    space = SCHEDULE_SPACE[fmt]
+    if m == 1 or fmt in ("dlight", "mma", "cublas", "tile_bitmap"):
+        return space
+    wide = [s for w in (32, 16) for s in space if s["wpb"] == w and s.get("lpr", WARP) == WARP][:2]
+    return [*wide, *[s for s in space if s not in wide]]
 
 
 def _bsr_tensor_core_schedules(m: int, n: int, r: int) -> list[dict[str, int]]:
@@ -256,33 +269,37 @@ def _xs_size(K: int, MG: int) -> int:
     return K * MG + (K // 8 * min(MG, 8) if MG > 1 else 0)
 
 
-def _stage_x_macro(M, K, MG, NT):
+def _stage_x_macro(M, K, MG, NT, xdtype):
     """Macro: the cooperative copy of X rows [by*MG, by*MG + MG) into shared memory, fp16,
-    ``xs[k * MG + m + (k // 8) * XV]`` (MG > 1) or ``xs[k]`` (MG = 1, copied 8 elements per
-    thread and step)."""
-    XV = min(MG, 8)
+    ``xs[k * MG + m + (k // 8) * XV]`` (MG > 1) or ``xs[k]`` (MG = 1). A thread copies 8
+    consecutive columns of one row per step (one vector load; consecutive threads take
+    consecutive columns, so a warp's loads are coalesced), `UNROLL` steps' loads issued
+    before their stores."""
+    XV, C8 = min(MG, 8), K // 8
+    CHUNKS = C8 * MG  # 8-column pieces of the MG staged rows
+    UNROLL = 4
+    STEPS = -(-CHUNKS // (NT * UNROLL))
 
     @T.macro
     def stage(x, xs, by, ty, tx):
-        if MG == 1:
-            for it in range((K // 8 + NT - 1) // NT):
-                if it * NT + ty * WARP + tx < K // 8:
+        xt = T.decl_buffer((UNROLL, 8), xdtype, scope="local")
+        for it in range(STEPS):
+            for u in T.unroll(UNROLL):
+                e = T.meta_var((it * UNROLL + u) * NT + ty * WARP + tx)  # = m * C8 + column chunk
+                if e < CHUNKS and by * MG + e // C8 < M:
                     for v in T.vectorized(8):
-                        xs[(it * NT + ty * WARP + tx) * 8 + v] = T.Cast(
-                            "float16", x[by, (it * NT + ty * WARP + tx) * 8 + v]
-                        )
-        else:
-            for it in range((K * MG + NT - 1) // NT):
-                if it * NT + ty * WARP + tx < K * MG:
-                    if by * MG + (it * NT + ty * WARP + tx) % MG < M:
-                        xs[it * NT + ty * WARP + tx + (it * NT + ty * WARP + tx) // (8 * MG) * XV] = T.Cast(
-                            "float16",
-                            x[by * MG + (it * NT + ty * WARP + tx) % MG, (it * NT + ty * WARP + tx) // MG],
-                        )
-                    else:
-                        xs[it * NT + ty * WARP + tx + (it * NT + ty * WARP + tx) // (8 * MG) * XV] = (
-                            T.float16(0)
-                        )
+                        xt[u, v] = x[by * MG + e // C8, e % C8 * 8 + v]
+            for u in T.unroll(UNROLL):
+                e = T.meta_var((it * UNROLL + u) * NT + ty * WARP + tx)
+                if e < CHUNKS and MG == 1:
+                    for v in T.vectorized(8):
+                        xs[e * 8 + v] = T.Cast("float16", xt[u, v])
+                elif e < CHUNKS:
+                    for v in T.unroll(8):
+                        if by * MG + e // C8 < M:
+                            xs[(e % C8 * 8 + v) * MG + e // C8 + e % C8 * XV] = T.Cast("float16", xt[u, v])
+                        else:
+                            xs[(e % C8 * 8 + v) * MG + e // C8 + e % C8 * XV] = T.float16(0)
         T.tvm_storage_sync("shared.dyn")
 
     return stage
@@ -328,7 +345,7 @@ def _row_func(
     CONTIG = fmt in ("bsr", "dense")  # a chunk's 8 columns are consecutive
     LOG_LPR = lpr.bit_length() - 1
     XV = min(MG, 8)
-    stage = _stage_x_macro(M, K, MG, NT)
+    stage = _stage_x_macro(M, K, MG, NT, xdtype)
 
     def first_chunk(ptr, row):
         if fmt == "bsr":
