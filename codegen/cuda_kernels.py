@@ -646,10 +646,19 @@ class Packed:
     shape: tuple[int, int]  # (N, K)
     weights: dict[str, np.ndarray]
     meta: dict[str, Any]  # S (stored entries), idx_dtype, block, NB, nm_n
+    #: arrays derived from `weights` for one kernel family (e.g. the tensor-core fragment
+    #: order), made once per key and shared by every kernel built from this packing
+    derived: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.weights.values())
+
+    def derive(self, key: Any, make: Any) -> dict[str, np.ndarray]:
+        """``make()`` (the arrays a kernel reads instead of `weights`), computed once per `key`."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return dict(self.derived[key])
 
 
 def pack(fmt: str, w: Any, **params: Any) -> Packed:

@@ -473,14 +473,18 @@ def build(
     elif packed.format == "nm":
         if packed.meta["nm_n"] != 2:
             raise UnfitError(f"sparse tensor cores take 2:4 W; got {packed.meta['nm_n']}:4")
-        weights = pack_nm_tiles(weights["values"], weights["positions"], n, k, rows)
+        weights = packed.derive(
+            ("nm_tiles", rows), lambda: pack_nm_tiles(weights["values"], weights["positions"], n, k, rows)
+        )
         lay, sched = nm_layout(n, k, rows), {"nm_n": 2, "tc": 1, "rows": rows}
     else:
         r, c = packed.meta["block"]
         if r % 16 or c % 16:
             raise UnfitError(f"tensor-core BSR needs blocks of multiples of 16; got {r}x{c}")
         nb = packed.meta["NB"]
-        weights["data"] = fragment_order(weights["data"].reshape(nb, r, c))
+        weights = packed.derive(
+            "fragment_order", lambda: {**weights, "data": fragment_order(weights["data"].reshape(nb, r, c))}
+        )
         lay, sched = bsr_layout(n, k, nb, r, c), {"block": (r, c), "tc": 1}
     prim = _mma_func(m, n, k, x_dtype, ks, unroll, sms, lay)
     symbol = f"sg_cuda_{packed.format}_mma_m{m}_n{n}_k{k}_{next(_SYMBOLS)}"

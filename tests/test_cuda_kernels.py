@@ -183,6 +183,20 @@ def test_bsr_tensor_core_kernel_builds(block, m):
         ck.build("bsr", ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (1, 16)), block=(1, 16)), 1, tc=1)
 
 
+def test_tensor_core_reordering_is_made_once_per_packing():
+    """Kernels built from one `Packed` (several M and schedules, as dispatch builds them) share
+    the reordered arrays instead of repacking W per build; a new block-row height repacks."""
+    bsr = ck.pack("bsr", pruned(128, 512, 0.7, 3, "b", (16, 16)), block=(16, 16))
+    a, b = (ck.build("bsr", bsr, m, x_dtype="float16", tc=1, ks=ks) for m, ks in [(1, 2), (16, 4)])
+    assert a.weights["data"] is b.weights["data"] and a.weights["data"] is not bsr.weights["data"]
+    nm = ck.pack("nm", pruned(128, 512, 0.5, 3, "nm"), n=2)
+    k16, k16b, k32 = (
+        ck.build("nm", nm, m, x_dtype="float16", tc=1, rows=r) for m, r in [(1, 16), (4, 16), (4, 32)]
+    )
+    assert k16.weights["values"] is k16b.weights["values"]
+    assert k32.weights["values"] is not k16.weights["values"]
+
+
 TILE_SCHEDULES = [{"ks": 2, "unroll": 4}, {"ks": 4, "unroll": 2}, {"ks": 8, "unroll": 4}]
 
 
