@@ -10,10 +10,11 @@ packed in fp16), each with its first `SCHEDULES_TRIED` schedules when measured.
   the 50 MB L2 flushed before each call by a device-to-device copy of twice its size; the
   fastest wins. Measured decisions go to the `TuningDB` (keyed by target, shape, pattern).
 * No GPU (compiling for a GPU elsewhere, CI): a bytes model. A sparse candidate is chosen
-  when the bytes it reads are at most `BYTES_RATIO` x the bytes of W in fp16 dense (the
-  smallest such one wins); decode is bound by those bytes (see `cuda_kernels`). The
-  decision says ``measured: false``; its seconds are bytes / `MODEL_BANDWIDTH`, a
-  prediction. Unmeasured decisions are not stored, so a later compile on a GPU measures.
+  when the bytes it costs (`model_bytes`) are at most `BYTES_RATIO` x the bytes of W in
+  fp16 dense (the smallest such one wins); decode is bound by the bytes it reads (see
+  `cuda_kernels`), the CUDA-core kernels at M > 1 by their multiply-adds. The decision says
+  ``measured: false``; its seconds are bytes / `MODEL_BANDWIDTH`, a prediction. Unmeasured
+  decisions are not stored, so a later compile on a GPU measures.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .formats import FORMATS, UnfitError
 BYTES_RATIO = 0.8
 #: bytes per second the bytes model assumes (a 256 MB read on the H100 streams at 2.74 TB/s)
 MODEL_BANDWIDTH = 2.74e12
+#: the bytes model's price of one multiply-add (stored entry x row of X) on CUDA cores, in
+#: bytes read at `MODEL_BANDWIDTH`: the H100's delta CSR kernel at M = 16 on 4096x4096 took
+#: 2.7 us more per million stored entries (1.7e-13 s per product)
+PRODUCT_BYTES = 0.46
 DENSE = "dense"  # the model's matmul, scheduled by dlight
 #: schedules timed per candidate format (the first of `cuda_kernels.schedules`); the
 #: tensor-core kernel's best tile depends on M and N more than its ordering knows (on the
@@ -183,14 +188,27 @@ class CUDADispatcher:
             except UnfitError:
                 continue
             label = _label(fmt, params)
-            timings[label] = kernel.nbytes / MODEL_BANDWIDTH
-            if kernel.nbytes <= BYTES_RATIO * fp16_dense:
+            cost = model_bytes(kernel)
+            timings[label] = cost / MODEL_BANDWIDTH
+            if cost <= BYTES_RATIO * fp16_dense:
                 return kernel, GPUDecision(
                     fmt, label, timings[label], timings[DENSE], timings, False, kernel.nbytes, dense_nbytes
                 )
         return None, GPUDecision(
             DENSE, DENSE, timings[DENSE], timings[DENSE], timings, False, dense_nbytes, dense_nbytes
         )
+
+
+def model_bytes(kernel: Any) -> float:
+    """The bytes model's cost of `kernel` in bytes: what it reads (W once per pass), or, on
+    CUDA cores (not ``tc``), its multiply-adds at `PRODUCT_BYTES` each where those cost more.
+    On the H100 at M = 16 the unstructured row kernels beat cuBLAS at 90 % sparsity but lose
+    at 50-70 %, where their bytes alone would predict a win."""
+    read = float(kernel.nbytes * kernel.passes)
+    if kernel.schedule.get("tc") or kernel.format not in ("csr", "dcsr", "nm", "bsr", "dense"):
+        return read
+    stored = sum(a.size for a in kernel.weights.values() if a.dtype == np.float16)
+    return max(read, PRODUCT_BYTES * stored * kernel.shape[0])
 
 
 def _estimate(fmt: str, params: dict[str, Any], w16: np.ndarray) -> int | None:

@@ -217,6 +217,7 @@ class CUDAKernel:
     x_dtype: str
     schedule: dict[str, Any] = field(default_factory=dict)
     extern: str | None = None  # a registered packed function instead of `prim_func` (cuBLAS)
+    passes: int = 1  # times the kernel reads W (row kernels: once per group of staged X rows)
 
     @property
     def nbytes(self) -> int:
@@ -831,8 +832,17 @@ def build(
         prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra)
         sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
     symbol = _symbol(fmt, m, n, k)
+    passes = _m_group(m, k)[1] if fmt != "dlight" else 1
     return CUDAKernel(
-        fmt, (m, n, k), prim.with_attr("global_symbol", symbol), packed.weights, symbol, x_dtype, sched
+        fmt,
+        (m, n, k),
+        prim.with_attr("global_symbol", symbol),
+        packed.weights,
+        symbol,
+        x_dtype,
+        sched,
+        None,
+        passes,
     )
 
 

@@ -119,6 +119,24 @@ def test_bytes_model_keeps_dense_weights_dense():
     assert decision.nbytes <= BYTES_RATIO * 128 * 256 * 2
 
 
+def test_bytes_model_prices_cuda_core_multiply_adds_past_m_1():
+    """Unmeasured, an unstructured weight keeps its sparse kernel at M = 1 at 50-90 %, but
+    from M = 8 its CUDA-core multiply-adds are priced too: 50 % goes dense at M = 8, 70 % at
+    M = 16, 90 % stays sparse (as measured on the H100: the row kernels beat cuBLAS at M = 16
+    only at 90 %)."""
+    rng = np.random.default_rng(3)
+    d = CUDADispatcher(resolve_target("nvidia/nvidia-h100"), TuningDB(None), measure=False)
+    chosen = {}
+    for s in (0.5, 0.7, 0.9):
+        w = (rng.standard_normal((256, 2048)) * (rng.random((256, 2048)) >= s)).astype(np.float32)
+        for m in (1, 8, 16):
+            d.kernel(f"op{s}_{m}", w, m)
+            chosen[s, m] = d.decisions[(f"op{s}_{m}", m)].format
+    assert all(chosen[s, 1] != "dense" for s in (0.5, 0.7, 0.9))
+    assert chosen[0.5, 8] == chosen[0.5, 16] == chosen[0.7, 16] == "dense"
+    assert chosen[0.7, 8] != "dense" and chosen[0.9, 16] != "dense"
+
+
 def test_bytes_model_builds_the_formats_first_schedule():
     """Without measuring, a BSR 16x16 weight gets the block kernel at M = 1 and tensor cores
     from M = 2, up to M = 64 where only they take it (not the row kernel, which stops at 16);
