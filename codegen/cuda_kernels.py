@@ -832,18 +832,9 @@ def build(
         prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra)
         sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
     symbol = _symbol(fmt, m, n, k)
-    passes = _m_group(m, k)[1] if fmt != "dlight" else 1
-    return CUDAKernel(
-        fmt,
-        (m, n, k),
-        prim.with_attr("global_symbol", symbol),
-        packed.weights,
-        symbol,
-        x_dtype,
-        sched,
-        None,
-        passes,
-    )
+    prim = prim.with_attr("global_symbol", symbol)
+    passes = _m_group(m, k)[1] if fmt != "dlight" else 1  # the row kernel reads W once per X group
+    return CUDAKernel(fmt, (m, n, k), prim, packed.weights, symbol, x_dtype, sched, passes=passes)
 
 
 def candidates(
