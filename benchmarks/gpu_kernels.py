@@ -33,6 +33,8 @@ values: max |y - ref| / max |ref| <= 2e-3 (fp16 output rounding; cuBLAS's own er
 printed alongside).
 
     python benchmarks/gpu_kernels.py [--quick] [--reps N] [--out DIR] [--trial tile_bitmap]
+        [--shapes 0,3] [--patterns 1,2,3] [--ms 4,16] [--no-fused] [--partial FILE]
+    python benchmarks/gpu_kernels.py --merge ALL.json PART.json ...   # later rows win
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def run(args) -> dict:
     peak = bench.peak_bandwidth()
     print(f"peak read bandwidth (256 MB torch.sum): {peak / 1e12:.2f} TB/s", flush=True)
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES[:2] if args.quick else SHAPES
-    ms = [1, 16] if args.quick else MS
+    ms = args.ms or ([1, 16] if args.quick else MS)
     patterns = PATTERNS[:4] + PATTERNS[4:6] if args.quick else PATTERNS
     if args.patterns:
         patterns = [PATTERNS[i] for i in args.patterns]
@@ -423,6 +425,7 @@ def main() -> None:
     p.add_argument("--mma-schedules", type=int, default=4, help="schedules tried for the tensor-core kernel")
     p.add_argument("--shapes", type=lambda v: [int(i) for i in v.split(",")], help="indices into SHAPES")
     p.add_argument("--patterns", type=lambda v: [int(i) for i in v.split(",")], help="indices into PATTERNS")
+    p.add_argument("--ms", type=lambda v: [int(i) for i in v.split(",")], help=f"M values (default {MS})")
     p.add_argument("--no-fused", action="store_true", help="skip the fused-launch measurements")
     p.add_argument(
         "--trial",
