@@ -205,7 +205,7 @@ def model_bytes(kernel: Any) -> float:
     On the H100 at M = 16 the unstructured row kernels beat cuBLAS at 90 % sparsity but lose
     at 50-70 %, where their bytes alone would predict a win."""
     read = float(kernel.nbytes * kernel.passes)
-    if kernel.schedule.get("tc") or kernel.format not in ("csr", "dcsr", "nm", "bsr", "dense"):
+    if kernel.schedule.get("tc") or kernel.format not in _kernels().ROW_FORMATS:
         return read
     stored = sum(a.size for a in kernel.weights.values() if a.dtype == np.float16)
     return max(read, PRODUCT_BYTES * stored * kernel.shape[0])

@@ -109,6 +109,9 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
 MMA_MIN_M = 4
+#: formats with the CUDA-core row kernel (`_row_func`; bsr also its block kernel, and its and
+#: 2:4 nm's tensor-core kernels with ``tc``)
+ROW_FORMATS = ("dense", "csr", "dcsr", "nm", "bsr")
 
 
 def schedules(
@@ -161,7 +164,7 @@ def _row_schedules(fmt: str, m: int) -> list[dict[str, int]]:
     unstructured`, delta CSR, 8192->28672 and 4096->4096): 32 warps fastest in 9 of 12
     cells at M = 4 and 16, 16 warps in the other 3."""
     space = SCHEDULE_SPACE[fmt]
-    if m == 1 or fmt in ("dlight", "mma", "cublas", "tile_bitmap"):
+    if m == 1 or fmt not in ROW_FORMATS:
         return space
     wide = [s for w in (32, 16) for s in space if s["wpb"] == w and s.get("lpr", WARP) == WARP][:2]
     return [*wide, *[s for s in space if s not in wide]]
