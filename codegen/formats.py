@@ -369,11 +369,17 @@ class CSR(WeightFormat):
     @classmethod
     def pack(cls, w: Any, *, pad: int = 1) -> CSR:
         a = _as_weight(w)
+        rows, cols = np.nonzero(a)  # row-major: rows ascending, columns ascending
+        return cls.from_entries(a.shape, rows, cols, a[rows, cols], pad=pad)
+
+    @classmethod
+    def from_entries(
+        cls, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, *, pad: int = 1
+    ) -> CSR:
+        """The CSR of nonzeros ``vals`` at (`rows`, `cols`), rows ascending (columns in the
+        order given within a row)."""
         pad = _positive_int(pad, "CSR pad")
-        n, k = a.shape
-        mask = a != 0
-        rows, cols = np.nonzero(mask)  # row-major: rows ascending, columns ascending
-        vals = a[rows, cols]
+        n, k = shape
         idx_t = index_dtype(k - 1)
         if pad == 1:
             ptr = _offsets(np.bincount(rows, minlength=n))
@@ -382,11 +388,11 @@ class CSR(WeightFormat):
             real_ptr = _offsets(np.bincount(rows, minlength=n))
             ptr = _offsets(_round_up(np.diff(real_ptr), pad))
             pos = ptr[rows] + (np.arange(rows.size) - real_ptr[rows])
-            values = np.zeros(int(ptr[-1]), dtype=a.dtype)
+            values = np.zeros(int(ptr[-1]), dtype=vals.dtype)
             values[pos] = vals
             indices = np.zeros(int(ptr[-1]), dtype=idx_t)
             indices[pos] = cols
-        return cls(a.shape, values, indices, ptr.astype(index_dtype(int(ptr[-1]))), pad)
+        return cls((n, k), values, indices, ptr.astype(index_dtype(int(ptr[-1]))), pad)
 
     @classmethod
     def _packed_nbytes(cls, mask: np.ndarray, itemsize: int, pad: int = 1) -> int:
