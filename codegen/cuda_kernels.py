@@ -10,7 +10,9 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   ``xs[k * MG + m]`` so one nonzero's M activations are one vector load (padded by a
   vector every 8 columns against bank conflicts). When
   ``K * M * 2`` bytes would not fit (``SMEM_LIMIT``), M is cut into groups of MG rows and
-  a second grid dimension runs the groups (W is then read once per group).
+  a second grid dimension runs the groups (W is then read once per group). For csr, a
+  cluster of two blocks can split X (and W) by column halves instead (``split``, see
+  `_row_func`), so that each block stages all M rows of its half and W is read once.
 * ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): ``lpr`` lanes per output row (a warp per
   row, or 2 / 4 rows side by side per warp for short rows; ``rpw`` rows per warp, strided
   over the grid), ``wpb`` warps per block. A lane takes chunks of 8 stored entries of its
@@ -155,7 +157,25 @@ def schedules(
             blocks = _bsr_block_schedules(m, n // block[0])
             ordered = [*blocks, *tc] if m == 1 else [*tc, *blocks]
             return [*ordered, *_row_schedules(fmt, m)]
+    if fmt == "csr" and _splits_x(m, k, target or cuda_target()):
+        return [{**_SPLIT_SCHEDULE, "split": 2}, *_row_schedules(fmt, m)]
     return _row_schedules(fmt, m)
+
+
+#: the ``split`` csr kernel's block (`_row_func`)
+_SPLIT_SCHEDULE = {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32}
+
+
+def _splits_x(m: int, k: int, target: Any) -> bool:
+    """Whether the csr kernel on a cluster of two blocks, each staging half of X, is
+    scheduled (first): where one block must stage X in groups of rows (reading W once per
+    group) and half of X fits whole, on sm_90 (clusters). On the H100 (csr at M = 16, same
+    call) it took 8192->28672 from 0.78 to 0.99x cuBLAS at 70 % and 1.83 to 1.98x at 90 %,
+    11008->4096 70 % from 0.79 to 1.05x; where X fits one block (K = 4096, or M = 8 at
+    K = 8192) it was 30-45 % slower than the single block."""
+    from .cuda_act_kernels import has_clusters
+
+    return k % 16 == 0 and _m_group(m, k)[1] > 1 and _m_group(m, k // 2)[1] == 1 and has_clusters(target)
 
 
 def _row_schedules(fmt: str, m: int) -> list[dict[str, int]]:
@@ -275,7 +295,8 @@ def _xs_size(K: int, MG: int) -> int:
 
 
 def _stage_x_macro(M, K, MG, NT, xdtype):
-    """Macro: the cooperative copy of X rows [by*MG, by*MG + MG) into shared memory, fp16,
+    """Macro: the cooperative copy of X rows [by*MG, by*MG + MG), columns [k0, k0 + K), into
+    shared memory, fp16,
     ``xs[k * MG + m + (k // 8) * XV]`` (MG > 1) or ``xs[k]`` (MG = 1). MG < 8: a thread
     copies 8 consecutive columns of one row per step (one vector load; consecutive threads
     take consecutive columns, so a warp's loads are coalesced), `UNROLL` steps' loads issued
@@ -291,7 +312,7 @@ def _stage_x_macro(M, K, MG, NT, xdtype):
     UNITS = KC * (MG // 8)  # MG >= 8: 8 rows x CW columns per thread and step
 
     @T.macro
-    def stage_transposed(x, xs, by, ty, tx):
+    def stage_transposed(x, xs, by, ty, tx, k0):
         """MG >= 8: a thread loads 8 rows x CW columns (8 vector loads) and stores each
         column's 8 rows as one 16-byte vector (fp16 X: consecutive lanes MG + 1 vectors
         apart, an odd stride, so no bank conflicts), where `stage` stores 2 bytes at a time."""
@@ -303,7 +324,7 @@ def _stage_x_macro(M, K, MG, NT, xdtype):
                 for i in T.unroll(8):
                     if by * MG + e // KC * 8 + i < M:
                         for v in T.vectorized(CW):
-                            xt[i, v] = x[by * MG + e // KC * 8 + i, e % KC * CW + v]
+                            xt[i, v] = x[by * MG + e // KC * 8 + i, k0 + e % KC * CW + v]
                     else:
                         for v in T.unroll(CW):
                             xt[i, v] = T.Cast(xdtype, 0)
@@ -316,14 +337,14 @@ def _stage_x_macro(M, K, MG, NT, xdtype):
         T.tvm_storage_sync("shared.dyn")
 
     @T.macro
-    def stage(x, xs, by, ty, tx):
+    def stage(x, xs, by, ty, tx, k0):
         xt = T.decl_buffer((UNROLL, 8), xdtype, scope="local")
         for it in range(STEPS):
             for u in T.unroll(UNROLL):
                 e = T.meta_var((it * UNROLL + u) * NT + ty * WARP + tx)  # = m * C8 + column chunk
                 if e < CHUNKS and by * MG + e // C8 < M:
                     for v in T.vectorized(8):
-                        xt[u, v] = x[by * MG + e // C8, e % C8 * 8 + v]
+                        xt[u, v] = x[by * MG + e // C8, k0 + e % C8 * 8 + v]
             for u in T.unroll(UNROLL):
                 e = T.meta_var((it * UNROLL + u) * NT + ty * WARP + tx)
                 if e < CHUNKS and MG == 1:
@@ -359,28 +380,44 @@ def _grid(units: int, wpb: int, rpw: int, smem: int, sms: int) -> tuple[int, int
 
 
 def _row_func(
-    fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, lpr=32, nm_n=2, block=(1, 8), NB=0
+    fmt: str, M, N, K, S, xdtype, idx_dtype, wpb, rpw, unr, sms, lpr=32, nm_n=2, block=(1, 8), NB=0, split=1
 ):
     """The kernel of every format (see the module docstring): `lpr` lanes per output row
     (32: a warp per row; 8 or 16: a warp runs 4 or 2 rows side by side, for short rows).
 
     A row's stored entries are chunks of 8 (`S` entries in all); chunk q of a row holds
     values ``vals[value_index(q) : +8]`` at columns ``column(q, v)``, v = 0..7.
+
+    ``split`` > 1 (csr, `split_csr` arrays): a thread-block cluster of `split` blocks runs
+    the same rows, block ``rank`` on columns ``[rank * K / split, +K / split)`` with the
+    row pointers ``ptr[rank * (N + 1) + row]``; each block keeps its warps' partial sums in
+    shared memory and, after one cluster barrier, block ``rank`` sums output rows
+    ``[rank * MG / split, +MG / split)`` of every row over the cluster (distributed shared
+    memory, fixed order). Staging 1 / split of X per block lets all M rows fit at once
+    where a single block would stage them in groups and read W once per group.
     """
-    MG, NG = _m_group(M, K)
+    KS = K // split  # columns of X a block stages
+    MG, NG = _m_group(M, KS)
     NT = wpb * WARP
     if fmt == "bsr" and lpr != WARP:
         raise fmts.UnfitError("the bsr kernel runs a warp per block row (lpr = 32)")
+    if split > 1 and (fmt != "csr" or lpr != WARP or MG % split or K % (8 * split)):
+        raise fmts.UnfitError(
+            f"split {split} needs csr, a warp per row, MG % split == 0 and K % (8 * split) == 0"
+        )
     RPL = WARP // lpr  # rows a warp runs side by side
-    NBLK, RPW = _grid(-(-N // RPL), wpb, rpw, _xs_size(K, MG) * 2, sms)
-    TW = NBLK * wpb
+    NCL, RPW = _grid(-(-N // RPL), wpb, rpw, _xs_size(KS, MG) * 2, sms // split)  # clusters
+    NBLK, TW = NCL * split, NCL * wpb
+    PART = RPW * wpb * MG if split > 1 else 1  # fp32 partial sums a block keeps
+    if PART * 4 > 48 * 1024 or _xs_size(KS, MG) * 2 + PART * 4 > SMEM_PER_SM - 4096:
+        raise fmts.UnfitError(f"X and {PART} partial sums (static, <= 48 KB) do not fit shared memory")
     r, c = block
     CPB = c // 8  # bsr: chunks per block
     CPR = K // 4 * nm_n // 8 if fmt == "nm" else K // 8  # nm / dense: chunks per row
     CONTIG = fmt in ("bsr", "dense")  # a chunk's 8 columns are consecutive
     LOG_LPR = lpr.bit_length() - 1
     XV = min(MG, 8)
-    stage = _stage_x_macro(M, K, MG, NT, xdtype)
+    stage = _stage_x_macro(M, KS, MG, NT, xdtype)
 
     def first_chunk(ptr, row):
         if fmt == "bsr":
@@ -426,71 +463,109 @@ def _row_func(
         return q * 8 + v
 
     @T.macro
+    def rows(x, vals, idx, deltas, ptr, y, by, cl, rank):  # block `rank` of cluster (block) `cl`
+        for ty in T.thread_binding(wpb, thread="threadIdx.y"):
+            for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                xs = T.decl_buffer((_xs_size(KS, MG),), "float16", scope="shared.dyn")
+                part = T.decl_buffer((PART,), "float32", scope="shared")
+                vb = T.decl_buffer((unr * 8,), "float16", scope="local")
+                x8 = T.decl_buffer((8,), "float16", scope="local")
+                xv = T.decl_buffer((MG,), "float16", scope="local")
+                acc = T.decl_buffer((MG,), "float32", scope="local")
+                addr = T.decl_buffer((1,), "uint32", scope="local")
+                rv = T.decl_buffer((1,), "float32", scope="local")
+                stage(x, xs, by, ty, tx, rank * KS)
+                for rr in range(RPW):
+                    row = T.meta_var((cl * wpb + ty + rr * TW) * RPL + tx // lpr)
+                    prow = T.meta_var(rank * (N + 1) + row)  # this block's row pointers
+                    lane = T.meta_var(tx % lpr)
+                    if row < N:
+                        mine = T.meta_var((chunks(ptr, prow) - lane + lpr - 1) // lpr)
+                        for i in T.unroll(MG):
+                            acc[i] = T.float32(0)
+                        for j in range((mine + unr - 1) // unr):
+                            for u in T.unroll(unr):
+                                if j * unr + u < mine:
+                                    for v in T.vectorized(8):
+                                        vb[u * 8 + v] = vals[
+                                            value_index(ptr, prow, lane + (j * unr + u) * lpr) + v
+                                        ]
+                            for u in T.unroll(unr):
+                                q = T.meta_var(lane + (j * unr + u) * lpr)
+                                if j * unr + u < mine:
+                                    if CONTIG and MG == 1:
+                                        for v in T.vectorized(8):
+                                            x8[v] = xs[column(idx, deltas, ptr, prow, q, 0) + v]
+                                        for v in T.unroll(8):
+                                            acc[0] = acc[0] + T.Cast("float32", vb[u * 8 + v]) * T.Cast(
+                                                "float32", x8[v]
+                                            )
+                                    else:
+                                        for v in T.unroll(8):
+                                            col = T.meta_var(column(idx, deltas, ptr, prow, q, v))
+                                            if MG == 1:
+                                                acc[0] = acc[0] + T.Cast("float32", vb[u * 8 + v]) * T.Cast(
+                                                    "float32", xs[col]
+                                                )
+                                            else:
+                                                for h in T.unroll(MG // XV):
+                                                    for i in T.vectorized(XV):
+                                                        xv[h * XV + i] = xs[
+                                                            col * MG + col // 8 * XV + h * XV + i
+                                                        ]
+                                                for i in T.unroll(MG):
+                                                    acc[i] = acc[i] + T.Cast(
+                                                        "float32", vb[u * 8 + v]
+                                                    ) * T.Cast("float32", xv[i])
+                        for i in T.unroll(MG):
+                            for s in T.unroll(LOG_LPR):
+                                acc[i] = acc[i] + T.tvm_warp_shuffle_down(
+                                    T.tvm_warp_activemask(),
+                                    acc[i],
+                                    T.shift_right(lpr // 2, s),
+                                    lpr,
+                                    WARP,
+                                )
+                        if lane == 0:
+                            for i in T.unroll(MG):
+                                if split > 1:
+                                    part[(rr * wpb + ty) * MG + i] = acc[i]
+                                else:
+                                    if by * MG + i < M:
+                                        y[by * MG + i, row] = T.Cast(xdtype, acc[i])
+                if split > 1:  # the cluster's sum; this block writes outputs rank * MG / split + tx
+                    T.cuda.cluster_sync()
+                    for rr in range(RPW):
+                        row = T.meta_var(cl * wpb + ty + rr * TW)
+                        xrow = T.meta_var(rank * (MG // split) + tx)  # of the MG staged rows of X
+                        m = T.meta_var(by * MG + xrow)
+                        if row < N and tx < MG // split:
+                            acc[0] = T.float32(0)
+                            for q in T.unroll(split):
+                                T.evaluate(
+                                    T.ptx.mapa.shared__cluster.u32(
+                                        addr[0],
+                                        T.cuda.cvta_generic_to_shared(
+                                            T.address_of(part[(rr * wpb + ty) * MG + xrow])
+                                        ),
+                                        T.uint32(q),
+                                    )
+                                )
+                                T.evaluate(T.ptx.ld.shared__cluster.f32(rv[0], addr[0]))
+                                acc[0] = acc[0] + rv[0]
+                            if m < M:
+                                y[m, row] = T.Cast(xdtype, acc[0])
+                    T.cuda.cluster_sync()  # no block leaves while the other reads its partial sums
+
+    @T.macro
     def body(x, vals, idx, deltas, ptr, y):
         for by in T.thread_binding(NG, thread="blockIdx.y"):
             for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
-                for ty in T.thread_binding(wpb, thread="threadIdx.y"):
-                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
-                        xs = T.decl_buffer((_xs_size(K, MG),), "float16", scope="shared.dyn")
-                        vb = T.decl_buffer((unr * 8,), "float16", scope="local")
-                        x8 = T.decl_buffer((8,), "float16", scope="local")
-                        xv = T.decl_buffer((MG,), "float16", scope="local")
-                        acc = T.decl_buffer((MG,), "float32", scope="local")
-                        stage(x, xs, by, ty, tx)
-                        for rr in range(RPW):
-                            row = T.meta_var((bx * wpb + ty + rr * TW) * RPL + tx // lpr)
-                            lane = T.meta_var(tx % lpr)
-                            if row < N:
-                                mine = T.meta_var((chunks(ptr, row) - lane + lpr - 1) // lpr)
-                                for i in T.unroll(MG):
-                                    acc[i] = T.float32(0)
-                                for j in range((mine + unr - 1) // unr):
-                                    for u in T.unroll(unr):
-                                        if j * unr + u < mine:
-                                            for v in T.vectorized(8):
-                                                vb[u * 8 + v] = vals[
-                                                    value_index(ptr, row, lane + (j * unr + u) * lpr) + v
-                                                ]
-                                    for u in T.unroll(unr):
-                                        q = T.meta_var(lane + (j * unr + u) * lpr)
-                                        if j * unr + u < mine:
-                                            if CONTIG and MG == 1:
-                                                for v in T.vectorized(8):
-                                                    x8[v] = xs[column(idx, deltas, ptr, row, q, 0) + v]
-                                                for v in T.unroll(8):
-                                                    acc[0] = acc[0] + T.Cast(
-                                                        "float32", vb[u * 8 + v]
-                                                    ) * T.Cast("float32", x8[v])
-                                            else:
-                                                for v in T.unroll(8):
-                                                    col = T.meta_var(column(idx, deltas, ptr, row, q, v))
-                                                    if MG == 1:
-                                                        acc[0] = acc[0] + T.Cast(
-                                                            "float32", vb[u * 8 + v]
-                                                        ) * T.Cast("float32", xs[col])
-                                                    else:
-                                                        for h in T.unroll(MG // XV):
-                                                            for i in T.vectorized(XV):
-                                                                xv[h * XV + i] = xs[
-                                                                    col * MG + col // 8 * XV + h * XV + i
-                                                                ]
-                                                        for i in T.unroll(MG):
-                                                            acc[i] = acc[i] + T.Cast(
-                                                                "float32", vb[u * 8 + v]
-                                                            ) * T.Cast("float32", xv[i])
-                                for i in T.unroll(MG):
-                                    for s in T.unroll(LOG_LPR):
-                                        acc[i] = acc[i] + T.tvm_warp_shuffle_down(
-                                            T.tvm_warp_activemask(),
-                                            acc[i],
-                                            T.shift_right(lpr // 2, s),
-                                            lpr,
-                                            WARP,
-                                        )
-                                if lane == 0:
-                                    for i in T.unroll(MG):
-                                        if by * MG + i < M:
-                                            y[by * MG + i, row] = T.Cast(xdtype, acc[i])
+                if split > 1:
+                    for rank in T.thread_binding(split, thread="clusterCtaIdx.x"):
+                        rows(x, vals, idx, deltas, ptr, y, by, bx // split, rank)
+                else:
+                    rows(x, vals, idx, deltas, ptr, y, by, bx, 0)
 
     if fmt == "csr":
 
@@ -499,7 +574,7 @@ def _row_func(
             x: T.Buffer((M, K), xdtype),
             vals: T.Buffer((S,), "float16"),
             idx: T.Buffer((S,), idx_dtype),
-            ptr: T.Buffer((N + 1,), "int32"),
+            ptr: T.Buffer((split * (N + 1),), "int32"),
             y: T.Buffer((M, N), xdtype),
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -806,6 +881,34 @@ def bank_order(csr: fmts.CSR, k: int) -> np.ndarray:
     return out
 
 
+def split_csr(packed: Packed, split: int) -> dict[str, np.ndarray]:
+    """The csr arrays of the ``split`` kernels (`_row_func`): W's columns cut into `split`
+    equal slices, each packed as its own padded, bank-ordered CSR with slice-local columns;
+    values and indices concatenated slice after slice, ``indptr[s * (N + 1) + row]`` the
+    chunk offset of row `row` in slice `s`."""
+    n, k = packed.shape
+    ks = k // split
+    w = packed.weights
+    counts = np.diff(w["indptr"].astype(np.int64)) * 8
+    real = w["values"] != 0
+    rows = np.repeat(np.arange(n), counts)[real]
+    cols, vals = w["indices"][real].astype(np.int64), w["values"][real]
+    out, base = {"values": [], "indices": [], "indptr": []}, 0
+    for s in range(split):
+        sel = cols // ks == s
+        part = fmts.CSR.from_entries((n, ks), rows[sel], cols[sel] - s * ks, vals[sel], pad=8)
+        order = bank_order(part, ks)
+        out["values"].append(part.values[order])
+        out["indices"].append(part.indices[order].astype(np.uint16))
+        out["indptr"].append(part.indptr.astype(np.int64) // 8 + base)
+        base += part.values.size // 8
+    return {
+        "values": np.concatenate(out["values"]),
+        "indices": np.concatenate(out["indices"]),
+        "indptr": np.concatenate(out["indptr"]).astype(np.int32),
+    }
+
+
 def build(
     fmt: str, w: Any, m: int, target: Any = None, x_dtype: str = "float32", **params: Any
 ) -> CUDAKernel:
@@ -859,7 +962,7 @@ def build(
         )
     sched = {
         **SCHEDULE_SPACE[fmt][0],
-        **{s: params[s] for s in ("wpb", "rpw", "unroll", "lpr") if s in params},
+        **{s: params[s] for s in ("wpb", "rpw", "unroll", "lpr", "split") if s in params},
     }
     if sched.get("lpr", WARP) not in (8, 16, WARP):
         raise fmts.UnfitError(f"lanes per row must be 8, 16 or 32; got {sched['lpr']}")
@@ -868,7 +971,14 @@ def build(
     else:
         if not 1 <= m <= MAX_M:
             raise fmts.UnfitError(f"sparse CUDA kernels are for decode, M = 1..{MAX_M}; got M = {m}")
-        meta = packed.meta
+        meta, weights, split = dict(packed.meta), packed.weights, int(sched.get("split", 1))
+        if split > 1:
+            from .cuda_act_kernels import has_clusters
+
+            if fmt != "csr" or k % (8 * split) or not has_clusters(target):
+                raise fmts.UnfitError(f"split {split} needs csr, K % {8 * split} == 0 and sm_90 clusters")
+            weights = packed.derive(("split", split), lambda: split_csr(packed, split))
+            meta["S"] = weights["values"].size
         knobs = (
             sched["wpb"],
             sched["rpw"],
@@ -877,12 +987,14 @@ def build(
             sched.get("lpr", WARP),
         )
         extra = {key: meta[key] for key in ("nm_n", "block", "NB") if key in meta}
-        prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra)
+        prim = _row_func(fmt, m, n, k, meta["S"], x_dtype, meta["idx_dtype"], *knobs, **extra, split=split)
         sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
     symbol = _symbol(fmt, m, n, k)
     prim = prim.with_attr("global_symbol", symbol)
-    passes = _m_group(m, k)[1] if fmt != "dlight" else 1  # the row kernel reads W once per X group
-    return CUDAKernel(fmt, (m, n, k), prim, packed.weights, symbol, x_dtype, sched, passes=passes)
+    # the row kernel reads W once per group of staged X rows
+    passes = _m_group(m, k // int(sched.get("split", 1)))[1] if fmt != "dlight" else 1
+    weights = packed.weights if fmt == "dlight" else weights
+    return CUDAKernel(fmt, (m, n, k), prim, weights, symbol, x_dtype, sched, passes=passes)
 
 
 def candidates(

@@ -139,6 +139,43 @@ def test_csr_rows_are_ordered_for_conflict_free_quarter_warps(k, sparsity):
     assert wavefronts(cols) <= 1.5 < 2.0 <= wavefronts(ascending)
 
 
+def test_split_csr_kernel_packs_column_halves_and_is_scheduled_where_x_needs_groups():
+    """Where one block must stage X in row groups (K = 8192 at M = 16), the csr kernel on a
+    cluster of two blocks (half of X each, partial sums through distributed shared memory)
+    is scheduled first; its arrays hold each column half as its own CSR."""
+    assert ck.schedules("csr", 16, 4096, 8192)[0].get("split") == 2
+    assert all("split" not in s for s in ck.schedules("csr", 16, 4096, 4096))  # X fits one block
+    assert all("split" not in s for s in ck.schedules("csr", 8, 4096, 8192))
+    w = pruned(40, 1024, 0.8, 3)
+    packed = ck.pack("csr", w)
+    kern = ck.build("csr", packed, 16, x_dtype="float16", wpb=8, rpw=0, unroll=2, lpr=32, split=2)
+    arrays = kern.weights
+    assert arrays is not packed.weights and arrays["indptr"].shape == (2 * 41,)
+    back = np.zeros(w.shape, np.float32)
+    ptr = arrays["indptr"].astype(np.int64) * 8
+    for half in range(2):
+        for row in range(40):
+            a, b = ptr[half * 41 + row], ptr[half * 41 + row + 1]
+            cols = arrays["indices"][a:b].astype(np.int64) + half * 512
+            np.add.at(back[row], cols, arrays["values"][a:b].astype(np.float32))
+    np.testing.assert_array_equal(back, w.astype(np.float16).astype(np.float32))
+    src = kern.source()
+    assert "barrier.cluster" in src and "mapa.shared::cluster" in src and kern.passes == 1
+    with pytest.raises(UnfitError):
+        ck.build("dcsr", ck.pack("dcsr", w), 16, x_dtype="float16", split=2)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+def test_split_csr_kernel_matches_numpy_on_gpu(x_dtype):
+    rng = np.random.default_rng(11)
+    w = pruned(520, 2048, 0.85, 5)
+    packed = ck.pack("csr", w)
+    for m, wpb, sms in [(16, 32, 132), (16, 8, 4), (3, 16, 6)]:  # sms < 132: several rows per warp
+        kern = ck.build("csr", packed, m, x_dtype=x_dtype, wpb=wpb, rpw=0, unroll=2, lpr=32, split=2, sms=sms)
+        _assert_matches_on_gpu(kern, w, rng)
+
+
 def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
     w = pruned(128, 512, 0.7, 3, "b", (16, 16))
     first = ck.schedules("bsr", 1, 128, 512, block=(16, 16))[0]
