@@ -871,13 +871,13 @@ def bank_order(csr: fmts.CSR, k: int) -> np.ndarray:
     rank = np.empty(indices.size, np.int64)
     rank[by_group] = np.arange(indices.size) - np.repeat(start, np.diff(np.r_[start, indices.size]))
     seq = np.lexsort((group, np.where(pad, np.iinfo(np.int64).max, rank), rows))  # round robin
-    q = pos  # sequence position p -> storage: block of 64, column v, chunk i
-    blk, rem = q // 64 * 64, q % 64
-    full = counts[rows] - blk >= 64
-    c = np.where(full, 8, (counts[rows] - blk) // 8)
-    store = ptr[rows] + blk + rem % c * 8 + rem // c
+    # the row's p-th entry of the sequence -> its slot: runs of 64 (c chunks in a shorter
+    # last run) filled entry v by entry v, chunk by chunk
+    run = pos // 64 * 64
+    c = np.minimum(counts[rows] - run, 64) // 8
+    slot = ptr[rows] + run + pos % 64 % c * 8 + pos % 64 // c
     out = np.empty(indices.size, np.int64)
-    out[store] = seq
+    out[slot] = seq
     return out
 
 
