@@ -158,12 +158,8 @@ def schedules(
             ordered = [*blocks, *tc] if m == 1 else [*tc, *blocks]
             return [*ordered, *_row_schedules(fmt, m)]
     if fmt == "csr" and _splits_x(m, k, target or cuda_target()):
-        return [{**_SPLIT_SCHEDULE, "split": 2}, *_row_schedules(fmt, m)]
+        return [{"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32, "split": 2}, *_row_schedules(fmt, m)]
     return _row_schedules(fmt, m)
-
-
-#: the ``split`` csr kernel's block (`_row_func`)
-_SPLIT_SCHEDULE = {"wpb": 32, "rpw": 0, "unroll": 2, "lpr": 32}
 
 
 def _splits_x(m: int, k: int, target: Any) -> bool:
@@ -401,10 +397,8 @@ def _row_func(
     NT = wpb * WARP
     if fmt == "bsr" and lpr != WARP:
         raise fmts.UnfitError("the bsr kernel runs a warp per block row (lpr = 32)")
-    if split > 1 and (fmt != "csr" or lpr != WARP or MG % split or K % (8 * split)):
-        raise fmts.UnfitError(
-            f"split {split} needs csr, a warp per row, MG % split == 0 and K % (8 * split) == 0"
-        )
+    if split > 1 and (lpr != WARP or MG % split):  # `build` checks the format and K
+        raise fmts.UnfitError(f"split {split} needs a warp per row and MG % split == 0")
     RPL = WARP // lpr  # rows a warp runs side by side
     NCL, RPW = _grid(-(-N // RPL), wpb, rpw, _xs_size(KS, MG) * 2, sms // split)  # clusters
     NBLK, TW = NCL * split, NCL * wpb
@@ -966,12 +960,13 @@ def build(
     }
     if sched.get("lpr", WARP) not in (8, 16, WARP):
         raise fmts.UnfitError(f"lanes per row must be 8, 16 or 32; got {sched['lpr']}")
+    weights, split = packed.weights, int(sched.get("split", 1))
     if fmt == "dlight":
         prim = _dense_mod(m, n, k, x_dtype, target)
     else:
         if not 1 <= m <= MAX_M:
             raise fmts.UnfitError(f"sparse CUDA kernels are for decode, M = 1..{MAX_M}; got M = {m}")
-        meta, weights, split = dict(packed.meta), packed.weights, int(sched.get("split", 1))
+        meta = dict(packed.meta)
         if split > 1:
             from .cuda_act_kernels import has_clusters
 
@@ -991,9 +986,7 @@ def build(
         sched = {**{key: meta[key] for key in ("nm_n", "block") if key in meta}, **sched}
     symbol = _symbol(fmt, m, n, k)
     prim = prim.with_attr("global_symbol", symbol)
-    # the row kernel reads W once per group of staged X rows
-    passes = _m_group(m, k // int(sched.get("split", 1)))[1] if fmt != "dlight" else 1
-    weights = packed.weights if fmt == "dlight" else weights
+    passes = _m_group(m, k // split)[1] if fmt != "dlight" else 1  # W once per group of staged X rows
     return CUDAKernel(fmt, (m, n, k), prim, weights, symbol, x_dtype, sched, passes=passes)
 
 
