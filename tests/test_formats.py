@@ -18,9 +18,11 @@ from sparsegraph.codegen.formats import (
     NM,
     Bitmap,
     DeltaCSR,
+    DeltaCSR6,
     Dense,
     FormatError,
     UnfitError,
+    delta_row_entries,
     format_bytes,
     index_dtype,
 )
@@ -178,6 +180,38 @@ def test_delta_csr_round_trip(n, k, dtype, sparsity, seed):
     assert np.array_equal(np.sort(rows[:, None].repeat(8, 1)[keep] * k + cols[keep]), np.flatnonzero(w != 0))
 
 
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 300), DTYPES, st.sampled_from([0.0, 0.5, 0.9, 0.97, 1.0]), SEEDS)
+def test_delta_csr6_round_trip_and_bytes(n, k, dtype, sparsity, seed):
+    w = random_weight((n, k), sparsity, dtype, seed)
+    f = DeltaCSR6.pack(w)
+    check_format(f, w)
+    cols = f.columns()
+    assert f.values.shape == (f.index.size, 8) and f.index.dtype == np.uint64
+    assert np.all(np.diff(cols, axis=1) >= 0) and np.all(np.diff(cols, axis=1) <= 63)
+    assert f.nbytes() == f.index.size * (8 * w.itemsize + 8) + (n + 1) * f.indptr.itemsize
+    # no bridging zeros unless a row has a gap over 63 columns: then fewer entries than DeltaCSR
+    d4 = DeltaCSR.pack(w)
+    assert f.index.size <= d4.base.size
+
+
+def test_delta_csr6_is_smaller_than_delta_csr_and_csr_at_90_percent():
+    w = random_weight((64, 4096), 0.9, np.float16, 3)
+    sizes = format_bytes(w)
+    assert sizes["dcsr6"] < 0.9 * sizes["dcsr"] and sizes["dcsr6"] < 0.8 * sizes["csr"]
+    at60 = format_bytes(random_weight((64, 4096), 0.6, np.float16, 3))
+    assert at60["dcsr"] < 0.95 * at60["dcsr6"]
+
+
+def test_delta_csr6_rejects_columns_its_base_cannot_hold():
+    with pytest.raises(UnfitError, match="K <= 4194304"):
+        DeltaCSR6.pack(np.zeros((1, (1 << 22) + 1), np.float16))
+    f = DeltaCSR6.pack(random_weight((4, 100), 0.5, np.float32, 0))
+    bad = dict(f.arrays(), index=f.index.astype(np.uint32))
+    with pytest.raises(FormatError, match="uint64"):
+        DeltaCSR6.from_arrays(bad, shape=f.shape)
+
+
 def test_bfloat16_round_trip_all_formats():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     w = nm_weight(16, 4, 2, 4, 0.3, ml_dtypes.bfloat16, 7)
@@ -329,6 +363,7 @@ def test_format_bytes_equals_packed_nbytes(n, k, dtype, sparsity, seed):
         "bsr": BSR.pack(w, block=(8, 2)).nbytes(),
         "bitmap": Bitmap.pack(w).nbytes(),
         "dcsr": DeltaCSR.pack(w).nbytes(),
+        "dcsr6": DeltaCSR6.pack(w).nbytes(),
     }
     if k % 4 == 0:
         expected["nm"] = NM.pack(w).nbytes()
@@ -337,10 +372,10 @@ def test_format_bytes_equals_packed_nbytes(n, k, dtype, sparsity, seed):
 
 def test_format_bytes_skips_formats_that_cannot_hold_w():
     w = random_weight((20, 6), 0.5, np.float32, 0)  # N % 16 != 0, K % 4 != 0
-    assert set(format_bytes(w)) == {"dense", "csr", "dcsr"}
+    assert set(format_bytes(w)) == {"dense", "csr", "dcsr", "dcsr6"}
     assert set(format_bytes(w, block=(4, 3), nm=(2, 3))) >= {"dense", "csr", "bsr"}
     dense_w = np.ones((16, 8), np.float32)  # divisible, but not 2:4 sparse
-    assert set(format_bytes(dense_w)) == {"dense", "csr", "bsr", "bitmap", "dcsr"}
+    assert set(format_bytes(dense_w)) == {"dense", "csr", "bsr", "bitmap", "dcsr", "dcsr6"}
     assert "nm" in format_bytes(dense_w, nm=(4, 4))
     assert "nm" not in format_bytes(nm_weight(16, 2, 2, 4, 0.0, np.float32, 1), nm=None)
 
@@ -353,7 +388,10 @@ def test_format_bytes_rejects_bad_parameters():
 
 
 def test_registry():
-    assert FORMATS == {"dense": Dense, "csr": CSR, "bsr": BSR, "nm": NM, "bitmap": Bitmap, "dcsr": DeltaCSR}
+    assert FORMATS == {
+        "dense": Dense, "csr": CSR, "bsr": BSR, "nm": NM, "bitmap": Bitmap,
+        "dcsr": DeltaCSR, "dcsr6": DeltaCSR6,
+    }  # fmt: skip
     for name, cls in FORMATS.items():
         assert cls.name == name
 
@@ -451,8 +489,6 @@ def test_instances_are_frozen_and_read_only():
 def test_delta_csr_row_entries_match_the_packed_entries_in_any_row_steps():
     """The size model counts the bridging zeros per row without materialising the entries,
     in steps of rows (some all zero); it agrees with the entries `pack` stores."""
-    from sparsegraph.codegen.formats import DeltaCSR
-
     rng = np.random.default_rng(5)
     mask = rng.random((11, 200)) < 0.03
     mask[3:7] = False  # a whole step of empty rows
@@ -460,4 +496,6 @@ def test_delta_csr_row_entries_match_the_packed_entries_in_any_row_steps():
     rows, _, _ = DeltaCSR._entries(mask)
     want = np.bincount(rows, minlength=11)
     for step in (1, 3, 4, 1024):
-        np.testing.assert_array_equal(DeltaCSR._row_entries(mask, rows_per_step=step), want)
+        got = delta_row_entries(mask, (DeltaCSR.MAX_STEP, 63), rows_per_step=step)
+        np.testing.assert_array_equal(got[0], want)
+        np.testing.assert_array_equal(got[1], np.bincount(DeltaCSR6._entries(mask)[0], minlength=11))
