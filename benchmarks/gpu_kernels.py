@@ -17,7 +17,8 @@ Runs on a machine with a CUDA GPU, torch and TVM (the device machine: ``source
   "dispatch" never needs to lose to cuBLAS by more than that call's overhead). Dense kernels are
   compiled once per shape and M but timed on every pattern's W (a compute-bound GEMM runs
   faster on pruned values: they draw less power), and csr only at >= 85 % sparsity or M = 16
-  (elsewhere it moves more bytes than dcsr for no gain), to keep the run inside one 10-minute call;
+  (elsewhere it moves more bytes than delta CSR for no gain), to keep the run inside one
+  10-minute call;
 * baselines: torch ``F.linear`` (cuBLAS) on the pruned dense W, timed before and after ours
   (the faster counts) -- every ratio is against it --, ``to_sparse_semi_structured`` (2:4
   only), torch BSR (block patterns, blocks 16x16/32x32; unstructured with 16x16) and torch
@@ -184,7 +185,7 @@ def run(args) -> dict:
                 trial = [(f, {}) for f in args.trial if pattern and m <= TRIAL_MAX_M]
                 for fmt, params in [*ck.candidates(w16, m, sparse), *trial]:
                     if fmt == "csr" and m < 16 and 1 - np.count_nonzero(w16) / w16.size < 0.85:
-                        continue  # moves more bytes than dcsr; faster only at M = 16 (bank order)
+                        continue  # more bytes than delta CSR; faster only at M = 16 (bank order)
                     key = (fmt, repr(params))
                     try:
                         packed[key] = packed.get(key) or ck.pack(fmt, w16, **params)
@@ -251,7 +252,7 @@ def fused_launches(torch, ck, bench, target, rng, args) -> list[dict]:
                 sep = bench.time(lambda x=x, wts=wts: [torch.nn.functional.linear(x, w) for w in wts])
                 one = bench.time(lambda x=x, catt=catt: torch.nn.functional.linear(x, catt))
                 best = None
-                for fmt in ("dcsr", "csr"):
+                for fmt in (ck.delta_format(cat != 0), "csr"):
                     pk = ck.pack(fmt, cat)
                     for sched in ck.schedules(fmt, m, cat.shape[0], k, target)[: args.schedules]:
                         kern = ck.build(fmt, pk, m, target, x_dtype="float16", **sched)

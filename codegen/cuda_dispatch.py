@@ -213,7 +213,7 @@ def model_bytes(kernel: Any) -> float:
 
 def _estimate(fmt: str, params: dict[str, Any], w16: np.ndarray) -> int | None:
     """Bytes format `fmt` stores for `w16` (formats' count model), None where unknown."""
-    args = {"csr": {"pad": 8}, "dcsr": {}, "nm": {"n": params.get("n", 2), "m": 4}, "bsr": {}}
+    args = {"csr": {"pad": 8}, "dcsr": {}, "dcsr6": {}, "nm": {"n": params.get("n", 2), "m": 4}, "bsr": {}}
     if fmt not in args or fmt not in FORMATS:
         return None
     extra = {"block": tuple(params["block"])} if fmt == "bsr" else {}

@@ -13,13 +13,15 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   a second grid dimension runs the groups (W is then read once per group). For csr, a
   cluster of two blocks can split X (and W) by column halves instead (``split``, see
   `_row_func`), so that each block stages all M rows of its half and W is read once.
-* ``csr`` / ``dcsr`` / ``nm`` ("row kernels"): ``lpr`` lanes per output row (a warp per
+* ``csr`` / ``dcsr`` / ``dcsr6`` / ``nm`` ("row kernels"): ``lpr`` lanes per output row (a warp per
   row, or 2 / 4 rows side by side per warp for short rows; ``rpw`` rows per warp, strided
   over the grid), ``wpb`` warps per block. A lane takes chunks of 8 stored entries of its
   row (lane, lane + lpr, ...): one 16-byte load of 8 fp16 values, their 8
   columns decoded from the format's index -- ``csr``: 8 uint16 columns (16-byte load; a
   row's entries in `bank_order`, so a quarter warp's X loads at M = 16 avoid bank conflicts);
-  ``dcsr`` (`formats.DeltaCSR`): a uint16 base plus 8 4-bit steps (2 + 4 bytes); ``nm``
+  ``dcsr`` (`formats.DeltaCSR`): a uint16 base plus 8 4-bit steps (2 + 4 bytes); ``dcsr6``
+  (`formats.DeltaCSR6`): the first column and 7 6-bit steps in one uint64 (8 bytes; the
+  delta formats load a batch's index words with its values, `PREFETCH_INDEX`); ``nm``
   (n:4, `formats.NM`): the group from the position in the row plus 8 2-bit positions
   (2 bytes) -- then 8 x M FMAs with X from shared memory. ``unroll`` chunks are loaded
   before the first FMA. Partial sums are reduced with (segmented) warp shuffles; the
@@ -47,7 +49,9 @@ TVMScript PrimFunc (thread bindings, vector loads, warp shuffles):
   (``mma``, M >= `MMA_MIN_M`) and TVM's own GEMV / matmul schedules (``dlight``): the
   dense kernels the sparse ones are dispatched against.
 
-Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75; 2:4 nm 1.125
+Bytes per fp16 weight entry: dense 2; csr 4 per stored entry; dcsr 2.75 and dcsr6 3 per stored
+entry (dcsr stores a zero for every 15 columns of a gap, dcsr6 for every 63: `delta_format`
+picks the smaller); 2:4 nm 1.125
 per dense entry; bsr 2 per block entry; tile_bitmap 2 per stored entry plus 0.14 per
 dense entry. Decode at M = 1 is bound by these bytes (the kernels are written so that
 each warp issues 16-byte loads only), so the best a kernel can do against a dense GEMV is
@@ -73,6 +77,7 @@ __all__ = [
     "build",
     "candidates",
     "cuda_target",
+    "delta_format",
     "pack",
     "schedules",
     "sparse_formats",
@@ -102,7 +107,7 @@ _SHORT_ROW_SCHEDULES = [
 ]
 SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
     **{f: _ROW_SCHEDULES for f in ("dense", "bsr")},
-    **{f: _SHORT_ROW_SCHEDULES for f in ("csr", "dcsr", "nm")},
+    **{f: _SHORT_ROW_SCHEDULES for f in ("csr", "dcsr", "dcsr6", "nm")},
     "dlight": [{}],
     "mma": [{}],  # per shape: `cuda_mma.schedules`, see `schedules`
     "cublas": [{}],  # `cublas.gemm` through a packed function, where a libcublas loads
@@ -112,9 +117,15 @@ SCHEDULE_SPACE: dict[str, list[dict[str, int]]] = {
 }
 #: smallest M at which the tensor-core dense kernel (`cuda_mma`) is a candidate
 MMA_MIN_M = 4
+#: the delta formats' row kernel loads a batch's index words with its values, before the
+#: first multiply-add (otherwise each is loaded where its chunk is decoded). On the H100
+#: (same call, x cuBLAS at M = 1): dcsr6 90 % 3.67 -> 3.86 (4096->11008), 4.50 -> 4.58
+#: (8192->28672); dcsr 70 % 1.86 -> 1.94, 1.75 -> 1.91 (11008->4096), 2.00 -> 2.02; dcsr
+#: 50 % 1.25 -> 1.31, 1.29 -> 1.35. M = 4 mostly +1-10 % (one cell -6 %), M = 16 within 3 %
+PREFETCH_INDEX = True
 #: formats with the CUDA-core row kernel (`_row_func`; bsr also its block kernel, and its and
 #: 2:4 nm's tensor-core kernels with ``tc``)
-ROW_FORMATS = ("dense", "csr", "dcsr", "nm", "bsr")
+ROW_FORMATS = ("dense", "csr", "dcsr", "dcsr6", "nm", "bsr")
 
 
 def schedules(
@@ -147,7 +158,7 @@ def schedules(
 
         tc = [{"tc": 1, **s} for s in cuda_sparse_mma.nm_schedules(m, n)]
         return tc if m > MAX_M else [*tc, *SCHEDULE_SPACE[fmt]]
-    if m > MAX_M and fmt in ("csr", "dcsr", "nm", "dense"):  # the row kernel stops at MAX_M
+    if m > MAX_M and fmt in ("csr", "dcsr", "dcsr6", "nm", "dense"):  # the row kernel stops at MAX_M
         return []
     if fmt == "bsr" and block is not None:
         tc = _bsr_tensor_core_schedules(m, n, block[0]) if block[0] % 16 == block[1] % 16 == 0 else []
@@ -393,6 +404,7 @@ def _row_func(
     where a single block would stage them in groups and read W once per group.
     """
     KS = K // split  # columns of X a block stages
+    PFI = PREFETCH_INDEX and fmt in ("dcsr", "dcsr6")
     MG, NG = _m_group(M, KS)
     NT = wpb * WARP
     if fmt == "bsr" and lpr != WARP:
@@ -432,10 +444,13 @@ def _row_func(
             return ((ptr[row // r] + q // CPB) * r + row % r) * c + q % CPB * 8
         return (first_chunk(ptr, row) + q) * 8
 
-    def column(idx, deltas, ptr, row, q, v):
-        """Column of entry v of chunk q, an expression of the format arrays (vector loads
-        of xs need an index that is not a local variable)."""
+    def column(idx, deltas, ptr, row, q, v, u, ib, db):
+        """Column of entry v of chunk q (the u-th of the lane's batch), an expression of the
+        format arrays (vector loads of xs need an index that is not a local variable) or,
+        for the delta formats, of their index words the batch loaded (`PREFETCH_INDEX`)."""
         ch = first_chunk(ptr, row) + q
+        if PFI:
+            idx, deltas, ch = ib, db, u
         if fmt == "csr":
             return T.Cast("int32", idx[ch * 8 + v])
         if fmt == "dcsr":
@@ -448,6 +463,17 @@ def _row_func(
                 for t in range(1, 8)
             ]
             return sum(steps, T.Cast("int32", idx[ch]))
+        if fmt == "dcsr6":  # one uint64: 7 6-bit steps, the first column from bit 42
+            word = idx[ch]
+            steps = [
+                T.Select(
+                    t <= v,
+                    T.Cast("int32", T.bitwise_and(T.shift_right(word, T.uint64(6 * t - 6)), T.uint64(63))),
+                    0,
+                )
+                for t in range(1, 8)
+            ]
+            return sum(steps, T.Cast("int32", T.shift_right(word, T.uint64(fmts.DeltaCSR6.BASE_SHIFT))))
         if fmt == "nm":
             return (q * 8 + v) // nm_n * 4 + T.Cast(
                 "int32", T.bitwise_and(T.shift_right(idx[ch], T.uint16(2 * v)), T.uint16(3))
@@ -463,6 +489,8 @@ def _row_func(
                 xs = T.decl_buffer((_xs_size(KS, MG),), "float16", scope="shared.dyn")
                 part = T.decl_buffer((PART,), "float32", scope="shared")
                 vb = T.decl_buffer((unr * 8,), "float16", scope="local")
+                ib = T.decl_buffer((unr,), idx_dtype, scope="local")  # PFI: the batch's index words
+                db = T.decl_buffer((unr,), "uint32", scope="local")  # (dcsr: bases and steps)
                 x8 = T.decl_buffer((8,), "float16", scope="local")
                 xv = T.decl_buffer((MG,), "float16", scope="local")
                 acc = T.decl_buffer((MG,), "float32", scope="local")
@@ -484,19 +512,24 @@ def _row_func(
                                         vb[u * 8 + v] = vals[
                                             value_index(ptr, prow, lane + (j * unr + u) * lpr) + v
                                         ]
+                                    if PFI:
+                                        ch = T.meta_var(first_chunk(ptr, prow) + lane + (j * unr + u) * lpr)
+                                        ib[u] = idx[ch]
+                                        if fmt == "dcsr":
+                                            db[u] = deltas[ch]
                             for u in T.unroll(unr):
                                 q = T.meta_var(lane + (j * unr + u) * lpr)
                                 if j * unr + u < mine:
                                     if CONTIG and MG == 1:
                                         for v in T.vectorized(8):
-                                            x8[v] = xs[column(idx, deltas, ptr, prow, q, 0) + v]
+                                            x8[v] = xs[column(idx, deltas, ptr, prow, q, 0, u, ib, db) + v]
                                         for v in T.unroll(8):
                                             acc[0] = acc[0] + T.Cast("float32", vb[u * 8 + v]) * T.Cast(
                                                 "float32", x8[v]
                                             )
                                     else:
                                         for v in T.unroll(8):
-                                            col = T.meta_var(column(idx, deltas, ptr, prow, q, v))
+                                            col = T.meta_var(column(idx, deltas, ptr, prow, q, v, u, ib, db))
                                             if MG == 1:
                                                 acc[0] = acc[0] + T.Cast("float32", vb[u * 8 + v]) * T.Cast(
                                                     "float32", xs[col]
@@ -587,6 +620,19 @@ def _row_func(
         ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             body(x, vals, idx, deltas, ptr, y)
+
+    elif fmt == "dcsr6":
+
+        @T.prim_func
+        def main(
+            x: T.Buffer((M, K), xdtype),
+            vals: T.Buffer((S,), "float16"),
+            idx: T.Buffer((S // 8,), "uint64"),
+            ptr: T.Buffer((N + 1,), "int32"),
+            y: T.Buffer((M, N), xdtype),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(x, vals, idx, None, ptr, y)
 
     elif fmt == "bsr":
 
@@ -809,6 +855,10 @@ def pack(fmt: str, w: Any, **params: Any) -> Packed:
             "indptr": d.indptr.astype(np.int32),
         }
         return Packed(fmt, (n, k), weights, {"S": d.values.size, "idx_dtype": str(d.base.dtype)})
+    if fmt == "dcsr6":
+        d6 = fmts.DeltaCSR6.pack(a16)
+        weights = {"values": d6.values.reshape(-1), "index": d6.index, "indptr": d6.indptr.astype(np.int32)}
+        return Packed(fmt, (n, k), weights, {"S": d6.values.size, "idx_dtype": "uint64"})
     if fmt == "nm":
         nn = int(params.get("n", 2))
         if nn not in (1, 2, 4) or k % 32:
@@ -1015,12 +1065,13 @@ def candidates(
 
 def sparse_formats(w: np.ndarray) -> list[tuple[str, dict[str, Any]]]:
     """(format, params) of the sparse kernels whose pattern ``w[N, K]`` fits (none when
-    more than 70 % of W is nonzero)."""
+    more than 70 % of W is nonzero). Of the two delta-coded CSRs, the one with fewer bytes
+    (`delta_format`): their kernels differ only in decoding the columns."""
     n, k = w.shape
     nz = w != 0
     if nz.mean() > 0.7:
         return []
-    found: list[tuple[str, dict[str, Any]]] = [("dcsr", {}), ("csr", {})]
+    found: list[tuple[str, dict[str, Any]]] = [(delta_format(nz), {}), ("csr", {})]
     if k % 32 == 0:
         for nn in (1, 2):
             if (nz.reshape(n, -1, 4).sum(axis=2) <= nn).all():
@@ -1034,3 +1085,17 @@ def sparse_formats(w: np.ndarray) -> list[tuple[str, dict[str, Any]]]:
             found.append(("bsr", {"block": (r, c)}))
             break
     return found
+
+
+def delta_format(mask: np.ndarray) -> str:
+    """``"dcsr"`` (4-bit steps, 2.75 bytes per fp16 entry) or ``"dcsr6"`` (6-bit steps, 3),
+    whichever stores the nonzero `mask` in fewer bytes: dcsr up to ~85 % sparsity, dcsr6
+    beyond, where dcsr's bridging zeros for gaps over 15 columns outweigh its smaller index."""
+    steps = {"dcsr": fmts.DeltaCSR, "dcsr6": fmts.DeltaCSR6}
+    entries = fmts.delta_row_entries(mask, tuple(f.MAX_STEP for f in steps.values()))
+    k = mask.shape[1]
+    sizes = {
+        name: int((-(-e // 8)).sum()) * (16 + f.chunk_index_bytes(k))
+        for (name, f), e in zip(steps.items(), entries, strict=True)
+    }
+    return min(sizes, key=sizes.get)

@@ -38,6 +38,8 @@ CASES = [
     ("csr", {}, "u", 0.9),
     ("dcsr", {}, "u", 0.7),
     ("dcsr", {}, "u", 0.97),  # long gaps: bridging zeros
+    ("dcsr6", {}, "u", 0.9),
+    ("dcsr6", {}, "u", 0.995),  # gaps over 63: bridging zeros
     ("nm", {"n": 2}, "nm", 0.5),
     ("bsr", {"block": (16, 16)}, "b", 0.7),
     ("bsr", {"block": (1, 16)}, "b", 0.8),
@@ -72,6 +74,9 @@ def test_candidates_and_unfit():
     assert [f for f, _ in ck.candidates(pruned(40, 256, 0.0, 1), 64)] == ["dlight", *vendor]  # no mma tile
     sparse = pruned(64, 256, 0.7, 1)
     assert {"dcsr", "csr"} <= {f for f, _ in ck.candidates(sparse, 4)}
+    # of the two delta-coded CSRs, the smaller: 4-bit steps at 70 %, 6-bit at 90 %
+    assert {"dcsr6", "csr"} <= {f for f, _ in ck.candidates(pruned(64, 1024, 0.9, 1), 4)}
+    assert "dcsr6" not in {f for f, _ in ck.candidates(sparse, 4)}
     assert ("nm", {"n": 2}) in ck.candidates(pruned(64, 256, 0.5, 1, "nm"), 1)
     assert ("bsr", {"block": (16, 16)}) in ck.candidates(pruned(64, 256, 0.7, 1, "b"), 1)
     with pytest.raises(UnfitError):
@@ -193,8 +198,8 @@ def test_bsr_block_kernel_is_scheduled_for_blocks_of_256_entries():
     assert ck.schedules("bsr", 64, 128, 512, block=(1, 16)) == []
     assert ("nm", {"n": 2}) in ck.candidates(pruned(64, 256, 0.5, 1, "nm"), 64)
     formats = {m: [f for f, _ in ck.candidates(w, m)] for m in (16, 64, 65)}
-    assert {"dcsr", "bsr", "dense"} <= set(formats[16])
-    assert "bsr" in formats[64] and not {"dcsr", "dense"} & set(formats[64])
+    assert {"bsr", "dense"} <= set(formats[16]) and {"dcsr", "dcsr6"} & set(formats[16])
+    assert "bsr" in formats[64] and not {"dcsr", "dcsr6", "dense"} & set(formats[64])
     assert "bsr" not in formats[65]
     kern = ck.build("bsr", ck.pack("bsr", w, block=(16, 16)), 4, x_dtype="float16", **first)
     src = kern.source()
