@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sparsegraph.codegen.formats import format_bytes
+from sparsegraph.codegen.formats import BSR, UnfitError, format_bytes
 from sparsegraph.model import Model
 from sparsegraph.pass_manager import AnalysisPass, register
 
@@ -52,10 +52,11 @@ def op_cost(name: str, w: np.ndarray) -> OpCost:
     if nm is not None:
         sizes[f"nm{nm[0]}:{nm[1]}"] = format_bytes(w, nm=nm)["nm"]
     sizes.pop("bsr", None)
-    for block in BSR_BLOCKS:
-        size = format_bytes(w, block=block, nm=None).get("bsr")
-        if size is not None:
-            sizes[f"bsr{block[0]}x{block[1]}"] = size
+    for block in BSR_BLOCKS:  # the BSR size alone: `format_bytes` would price every format again
+        try:
+            sizes[f"bsr{block[0]}x{block[1]}"] = BSR.packed_nbytes(w, block=block)
+        except UnfitError:
+            continue
     best = min(sizes, key=sizes.get)
     return OpCost(name, 2 * w.size, 2 * nnz, sizes["dense"], sizes, best)
 
