@@ -135,6 +135,7 @@ def test_bytes_model_prices_cuda_core_multiply_adds_past_m_1():
     assert all(chosen[s, 1] != "dense" for s in (0.5, 0.7, 0.9))
     assert chosen[0.5, 8] == chosen[0.5, 16] == chosen[0.7, 16] == "dense"
     assert chosen[0.7, 8] != "dense" and chosen[0.9, 16] != "dense"
+    assert chosen[0.5, 1] == "dcsr" and chosen[0.9, 1] == "dcsr6"  # the fewest bytes at M = 1
 
 
 def test_bytes_model_builds_the_formats_first_schedule():
@@ -212,9 +213,11 @@ def test_gpu_logits_match_onnxruntime(tmp_path, sparsity):
 
 
 @needs_gpu
-def test_gpu_sparse_kernels_inside_the_model_match_onnxruntime(pruned):
+@pytest.mark.parametrize(("sparsity", "batch"), [(0.7, 1), (0.9, 2)])  # M = 8 / 16 (70 %: dense at 16)
+def test_gpu_sparse_kernels_inside_the_model_match_onnxruntime(tmp_path, sparsity, batch):
     """Every sparse kernel the bytes model picks, run inside the compiled model on the GPU
-    (the shipping step of `compile_cuda` may prefer the dense build on a model this small)."""
+    (the shipping step of `compile_cuda` may prefer the dense build on a model this small);
+    at 90 % they include dcsr6, whose index words are uint64 constants of the module."""
     import onnx
 
     from sparsegraph.codegen import relax_build
@@ -222,15 +225,19 @@ def test_gpu_sparse_kernels_inside_the_model_match_onnxruntime(pruned):
     from sparsegraph.model import Model
     from sparsegraph.pass_manager import PassContext
 
+    recipe = {"steps": [{"pass": "magnitude", "sparsity": sparsity, "granularity": "row"}]}
+    pruned = sg.compile_model(STORIES, recipe, tmp_path, validate=False).portable
     target = resolve_target("cuda")
     weights = linear_weights(Model.load(pruned), pruned, PassContext(0))
     d = CUDADispatcher(target, TuningDB(None), measure=False)
-    buckets = {"b2_s8": {"tokens": [2, 8]}}
+    tag = f"b{batch}_s8"
+    buckets = {tag: {"tokens": [batch, 8]}}
     ex, swaps, params, names = relax_build.build_module(
-        onnx.load(str(pruned)), buckets, lambda key, m, tag: d.kernel(*weights[key], m), set(weights), target
+        onnx.load(str(pruned)), buckets, lambda key, m, _tag: d.kernel(*weights[key], m), set(weights), target
     )
     assert len(swaps) >= 25 and all(fmt != "dense" for _, _, fmt in swaps)
-    assert _gpu_logits_error(ex, params, names, pruned, "b2_s8", (2, 8), seed=2) < TOL_FP16_WEIGHTS
+    assert ("dcsr6" in {fmt for _, _, fmt in swaps}) == (sparsity == 0.9)
+    assert _gpu_logits_error(ex, params, names, pruned, tag, (batch, 8), seed=2) < TOL_FP16_WEIGHTS
 
 
 @needs_gpu
