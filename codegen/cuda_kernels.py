@@ -1093,9 +1093,8 @@ def delta_format(mask: np.ndarray) -> str:
     beyond, where dcsr's bridging zeros for gaps over 15 columns outweigh its smaller index."""
     steps = {"dcsr": fmts.DeltaCSR, "dcsr6": fmts.DeltaCSR6}
     entries = fmts.delta_row_entries(mask, tuple(f.MAX_STEP for f in steps.values()))
-    k = mask.shape[1]
     sizes = {
-        name: int((-(-e // 8)).sum()) * (16 + f.chunk_index_bytes(k))
+        name: f.bytes_of_rows(e, mask.shape[1], 2)
         for (name, f), e in zip(steps.items(), entries, strict=True)
     }
     return min(sizes, key=sizes.get)

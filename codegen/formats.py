@@ -826,9 +826,16 @@ class _DeltaChunks(WeightFormat):
 
     @classmethod
     def _packed_nbytes(cls, mask: np.ndarray, itemsize: int) -> int:
-        n, k = mask.shape
-        c = int((-(-delta_row_entries(mask, (cls.MAX_STEP,))[0] // cls.CHUNK)).sum())
-        return c * (cls.CHUNK * itemsize + cls.chunk_index_bytes(k)) + (n + 1) * index_dtype(c).itemsize
+        return cls.bytes_of_rows(delta_row_entries(mask, (cls.MAX_STEP,))[0], mask.shape[1], itemsize)
+
+    @classmethod
+    def bytes_of_rows(cls, row_entries: np.ndarray, k: int, itemsize: int) -> int:
+        """nbytes of a weight whose rows store `row_entries` entries (`delta_row_entries`)."""
+        c = int((-(-row_entries // cls.CHUNK)).sum())
+        return (
+            c * (cls.CHUNK * itemsize + cls.chunk_index_bytes(k))
+            + (row_entries.size + 1) * index_dtype(c).itemsize
+        )
 
     def _check_chunks(self, index: np.ndarray, dtype: type) -> None:
         """Shapes and pointers of the chunks, `index` the per-chunk array of `dtype`."""
